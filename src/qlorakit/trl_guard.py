@@ -1,0 +1,96 @@
+"""Keep TRL's trainers inside the precision policy.
+
+TRL >= 0.26 casts every trainable parameter of a 4/8-bit model to bf16 in its trainers' __init__, whatever the
+user asked; under fp16 that breaks the GradScaler (it cannot unscale bf16 gradients). And on a CPU, accelerate runs
+fp16 mixed precision with no GradScaler at all. The guard re-applies the policy through TRL's public extension
+points only: a subclass that re-applies it after __init__, and a callback that re-checks it when training begins.
+TRL's source is never edited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import PrecisionError
+from .precision import Precision, dtype_name, precision_of
+
+
+def mixed_precision_flags(precision: Precision) -> dict[str, bool]:
+    """The TrainingArguments fp16/bf16 flags that match the policy."""
+    return {"fp16": precision.compute == torch.float16, "bf16": precision.compute == torch.bfloat16}
+
+
+def _check_args(args, precision: Precision) -> None:
+    wanted = mixed_precision_flags(precision)
+    for flag, value in wanted.items():
+        if bool(getattr(args, flag, False)) != value:
+            raise PrecisionError(
+                f"TrainingArguments.{flag}={getattr(args, flag, None)} but the model's compute dtype is "
+                f"{dtype_name(precision.compute)}; set fp16={wanted['fp16']}, bf16={wanted['bf16']} "
+                "(qlorakit.SFTTrainer sets them for you when you leave them unset)"
+            )
+
+
+class PrecisionCallback(TrainerCallback):
+    """Re-applies and re-checks the policy when training begins (after the optimizer exists)."""
+
+    def __init__(self, precision: Precision, accelerator):
+        self.precision = precision
+        self.accelerator = accelerator
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.precision.apply(model)
+        self.precision.check(model, self.accelerator.scaler)
+
+
+def guard(trainer):
+    """Bring an already built transformers/TRL trainer back into the policy of its qlorakit model and keep it
+    there. Returns the trainer."""
+    precision = precision_of(trainer.model)
+    _check_args(trainer.args, precision)
+    precision.apply(trainer.model)
+    accelerator = trainer.accelerator
+    if precision.uses_grad_scaler and accelerator.scaler is None:
+        # accelerate gives fp16 a GradScaler on accelerators only; on a CPU it would train fp16 unscaled.
+        accelerator.scaler = precision.grad_scaler()
+        accelerator.native_amp = True  # makes accelerate autocast to fp16 and unscale before clipping
+    if not any(isinstance(cb, PrecisionCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.add_callback(PrecisionCallback(precision, accelerator))
+    precision.check(trainer.model, accelerator.scaler)
+    return trainer
+
+
+def _sft_trainer_class():
+    from trl import SFTConfig
+    from trl import SFTTrainer as _TRLSFTTrainer
+
+    class SFTTrainer(_TRLSFTTrainer):
+        """TRL's SFTTrainer for a model from qlorakit.load + add_lora, kept in the precision policy.
+
+        The config's fp16/bf16 flags are derived from the model's policy (the model's dtype was decided at load
+        time; TRL's own default, bf16=True, would be wrong for fp16 and fp32 models).
+        """
+
+        def __init__(self, model=None, args=None, *pos, **kw):
+            if model is not None and not isinstance(model, str):
+                flags = mixed_precision_flags(precision_of(model))
+                if args is None:
+                    args = SFTConfig(output_dir="qlorakit-sft", **flags)
+                elif (bool(args.fp16), bool(args.bf16)) != (flags["fp16"], flags["bf16"]):
+                    args = dataclasses.replace(args, **flags)  # re-runs __post_init__ with the right flags
+            super().__init__(model, args, *pos, **kw)
+            guard(self)
+
+    return SFTTrainer
+
+
+def __getattr__(name):
+    # `qlorakit.trl_guard.SFTTrainer` is built on first use so that importing qlorakit does not import TRL.
+    if name == "SFTTrainer":
+        cls = _sft_trainer_class()
+        globals()["SFTTrainer"] = cls
+        return cls
+    raise AttributeError(name)
