@@ -161,6 +161,27 @@ def _bnb_config(quant: str, double_quant: bool, precision: Precision):
     )
 
 
+def _misshapen_quantized_layers(model) -> list[str]:
+    """Quantized layers whose stored weight does not have the shape the config declares.
+
+    transformers' bitsandbytes path loads such weights without complaint (the packed 4-bit tensor hides the
+    shape), so qlorakit checks the quantization state against each layer's in/out features itself.
+    """
+    bad = []
+    for name, module in model.named_modules():
+        weight = own_weight(module)
+        kind = type(weight).__name__
+        if kind == "Params4bit" and weight.quant_state is not None:
+            shape = tuple(weight.quant_state.shape)
+        elif kind == "Int8Params":
+            shape = tuple(weight.shape)
+        else:
+            continue
+        if shape != (module.out_features, module.in_features):
+            bad.append(f"{name}.weight {list(shape)} vs {[module.out_features, module.in_features]}")
+    return bad
+
+
 def _check_architecture(config, source: Path) -> None:
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -223,13 +244,33 @@ def load(
     else:
         quantization_config = _bnb_config(quant, double_quant, precision)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        directory,
-        dtype=precision.compute,
-        quantization_config=quantization_config,
-        device_map={"": str(torch.device(precision.device_type))},
-        trust_remote_code=trust_remote_code,
-    )
+    extra = {} if quantization_config is None else {"quantization_config": quantization_config}
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory,
+            dtype=precision.compute,
+            device_map={"": str(torch.device(precision.device_type))},
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            **extra,
+        )
+    except RuntimeError as e:
+        if "mismatched" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise SourceError(
+            f"{directory}: some weights have the wrong shape for this config; the checkpoint and config.json "
+            "do not match"
+        ) from e
+    # transformers re-initialises missing or mis-shaped weights with a log line; training on random weights
+    # would be a silent disaster, so it is an error here.
+    broken = list(info.get("missing_keys", ())) + [str(k) for k in info.get("mismatched_keys", ())]
+    broken += _misshapen_quantized_layers(model)
+    if broken:
+        raise SourceError(
+            f"{directory}: {len(broken)} weights are missing or have the wrong shape for this config "
+            f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}); the checkpoint and config.json "
+            "do not match"
+        )
     model.requires_grad_(False)
     # Training does not need the KV cache; generation turns it back on per call.
     model.config.use_cache = False

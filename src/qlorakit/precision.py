@@ -126,6 +126,10 @@ def _linear4bit_modules(model: torch.nn.Module):
             yield name, module
 
 
+# Names PEFT gives to what it trains: LoRA matrices (and DoRA magnitudes), and full copies in modules_to_save.
+_TRAINABLE_TAGS = ("lora_", "modules_to_save")
+
+
 @dataclass(frozen=True)
 class Precision:
     """A resolved precision policy: the compute dtype and the dtype of everything trainable."""
@@ -265,6 +269,11 @@ class Precision:
                 continue
             if param.requires_grad:
                 trainable += 1
+                if not any(tag in name for tag in _TRAINABLE_TAGS):
+                    raise PrecisionError(
+                        f"{name}: base weight is trainable (rule 3: base weights stay frozen; only adapters "
+                        "train). Set requires_grad=False, or list the module in add_lora's targets."
+                    )
                 if param.dtype != self.adapter:
                     rule = (
                         "rule 2: under fp16 every trainable parameter is fp32, because the GradScaler cannot "

@@ -54,11 +54,11 @@ class TrainStep:
     ):
         self.model = model
         self.precision = precision_of(model)
+        self.scaler = self.precision.grad_scaler()
+        self.precision.check(model, self.scaler)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.scaler = self.precision.grad_scaler()
         self.max_grad_norm = max_grad_norm
-        self.precision.check(model, self.scaler)
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask=None) -> StepResult:
         self.model.train()
