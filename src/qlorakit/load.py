@@ -84,6 +84,8 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
     # The weights are now plain fp32; the GGUF marker would make transformers treat the directory as GGUF again.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
