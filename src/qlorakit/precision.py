@@ -197,9 +197,14 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.compute)
 
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """A GradScaler exactly when the compute dtype is fp16, else None."""
-        return torch.amp.GradScaler(self.device_type) if self.uses_grad_scaler else None
+    def grad_scaler(self, init_scale: float = 2.0**10) -> torch.amp.GradScaler | None:
+        """A GradScaler exactly when the compute dtype is fp16, else None.
+
+        It starts at 2^10, not torch's 2^16: at 2^16 the scaled gradients of a LoRA fine-tune overflow fp16 in the
+        first steps, which the scaler then skips (measured on SmolLM2-135M: the first 2 of 15 steps lost), so an
+        fp16 run trails its bf16 and fp32 twins. The scaler still grows the scale when it can.
+        """
+        return torch.amp.GradScaler(self.device_type, init_scale=init_scale) if self.uses_grad_scaler else None
 
     def describe(self) -> str:
         return (
