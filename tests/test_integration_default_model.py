@@ -26,13 +26,15 @@ def final_losses():
         torch.manual_seed(0)
         model, tokenizer = qlorakit.load(DEFAULT_MODEL, quant="nf4", double_quant=True, dtype=dtype, device="cpu")
         model = qlorakit.add_lora(model, rank=16, alpha=32)
-        step = qlorakit.TrainStep(model, lr=1e-3)
+        step = qlorakit.TrainStep(model, lr=2e-4)  # the project's default learning rate
         losses = []
         for i in range(STEPS):
             ids, mask = tokenize_chats(tokenizer, rows[i * BATCH : (i + 1) * BATCH])
-            losses.append(step(ids, attention_mask=mask).loss)
+            result = step(ids, attention_mask=mask)
+            assert not result.skipped, (dtype, i)  # every fp16 step is a real update
+            losses.append(result.loss)
         out[dtype] = losses
-        print(f"{dtype}: first {losses[0]:.4f} last {losses[-1]:.4f}")
+        print(f"{dtype}: " + " ".join(f"{v:.4f}" for v in losses))
     return out
 
 
@@ -46,7 +48,7 @@ def test_three_precisions_agree_after_15_steps(final_losses):
     last = {d: losses[-1] for d, losses in final_losses.items()}
     for dtype, losses in final_losses.items():
         assert all(torch.isfinite(torch.tensor(losses))), dtype
-        assert losses[-1] < 0.6 * losses[0], (dtype, losses)  # it learned the task's format
+        assert losses[-1] < 0.7 * losses[0], (dtype, losses)  # it is learning the task's format
     ref = last["fp32"]
     for dtype in ("bf16", "fp16"):
         assert abs(last[dtype] - ref) / ref <= 0.03, last
