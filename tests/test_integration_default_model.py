@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import qlorakit
-from qlorakit.demo import make_examples, tokenize_chats
+from qlorakit.demo import run_demo
 from qlorakit.load import DEFAULT_MODEL, default_model_gguf, resolve_source
 
 pytestmark = pytest.mark.integration
@@ -20,21 +19,16 @@ BATCH = 2
 
 @pytest.fixture(scope="module")
 def final_losses():
-    rows = make_examples(STEPS * BATCH, seed=7)
     out = {}
     for dtype in ("fp32", "bf16", "fp16"):
-        torch.manual_seed(0)
-        model, tokenizer = qlorakit.load(DEFAULT_MODEL, quant="nf4", double_quant=True, dtype=dtype, device="cpu")
-        model = qlorakit.add_lora(model, rank=16, alpha=32)
-        step = qlorakit.TrainStep(model, lr=2e-4)  # the project's default learning rate
-        losses = []
-        for i in range(STEPS):
-            ids, mask = tokenize_chats(tokenizer, rows[i * BATCH : (i + 1) * BATCH])
-            result = step(ids, attention_mask=mask)
-            assert not result.skipped, (dtype, i)  # every fp16 step is a real update
-            losses.append(result.loss)
-        out[dtype] = losses
-        print(f"{dtype}: " + " ".join(f"{v:.4f}" for v in losses))
+        results = run_demo(
+            DEFAULT_MODEL, quant="nf4", dtype=dtype, device="cpu", steps=STEPS, batch_size=BATCH, rank=16, alpha=32,
+            lr=2e-4,  # the project's default learning rate
+            seed=0, data_seed=7, log=lambda _: None,
+        )
+        assert not any(r.skipped for r in results), dtype  # every fp16 step is a real update
+        out[dtype] = [r.loss for r in results]
+        print(f"{dtype}: " + " ".join(f"{v:.4f}" for v in out[dtype]))
     return out
 
 

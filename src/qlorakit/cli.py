@@ -8,15 +8,17 @@ import sys
 from .errors import QLoraKitError
 from .load import DEFAULT_MODEL, QUANT_KINDS
 
+DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
+
 
 def _train(args) -> int:
     from .demo import run_demo
 
-    losses = run_demo(
+    results = run_demo(
         source=args.model, quant=args.quant, dtype=args.dtype, device=args.device, steps=args.max_steps,
         batch_size=args.batch_size, rank=args.rank, alpha=args.alpha, lr=args.lr, seed=args.seed,
     )
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    print(f"loss {results[0].loss:.4f} -> {results[-1].loss:.4f} over {len(results)} steps")
     return 0
 
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"HF model directory, .gguf file, or '{DEFAULT_MODEL}' (default)")
     train.add_argument("--quant", default="nf4", choices=QUANT_KINDS, help="base weight quantization (default nf4)")
-    train.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    train.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="compute dtype (default auto: see `qlorakit precision`)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     train.add_argument("--max-steps", type=int, default=15, help="optimizer steps (default 15)")
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     precision = sub.add_parser("precision", help="show the precision policy `--dtype` resolves to on this machine")
-    precision.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    precision.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     precision.add_argument("--device", default="auto")
     precision.set_defaults(func=_precision)
     return parser

@@ -65,9 +65,12 @@ def run_demo(
     alpha: float = 32,
     lr: float = 2e-4,
     seed: int = 0,
+    data_seed: int | None = None,
     log=print,
-) -> list[float]:
-    """A short QLoRA fine-tune of `source` on the built-in task; returns the loss of every step."""
+):
+    """A short QLoRA fine-tune of `source` on the built-in task; returns every step's StepResult.
+
+    `seed` seeds torch (adapter initialisation); the examples come from `data_seed` (default: `seed`)."""
     import torch
 
     from .adapters import add_lora
@@ -80,12 +83,12 @@ def run_demo(
     step = TrainStep(model, lr=lr)
     log(f"model: {source} ({quantization_summary(model)})")
     log(f"precision: {step.precision.describe()}")
-    rows = make_examples(steps * batch_size, seed=seed)
-    losses = []
+    rows = make_examples(steps * batch_size, seed=seed if data_seed is None else data_seed)
+    results = []
     for i in range(steps):
         ids, mask = tokenize_chats(tokenizer, rows[i * batch_size : (i + 1) * batch_size])
         result = step(ids, attention_mask=mask)
-        losses.append(result.loss)
+        results.append(result)
         log(f"step {i + 1:>3}/{steps}  loss {result.loss:.4f}  grad-norm {result.grad_norm:.3f}"
             + ("  (fp16 overflow: step skipped)" if result.skipped else ""))
-    return losses
+    return results
