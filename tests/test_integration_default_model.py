@@ -48,16 +48,9 @@ def test_all_three_precisions_learn_and_start_together(final_losses):
     assert abs(first["bf16"] - first["fp32"]) / first["fp32"] < 0.02, first
 
 
-def test_fp16_ends_within_3_percent_of_fp32(final_losses):
+def test_fp32_fp16_bf16_end_within_3_percent_of_each_other(final_losses):
+    # Measured (data seed 7): fp32 1.931, fp16 1.929, bf16 1.883. Before the fused LoRA layer, PEFT's layers
+    # rounded the base output to bf16 before adding the adapter's delta and bf16 ended at 2.08 (8% off).
     last = {d: losses[-1] for d, losses in final_losses.items()}
-    assert abs(last["fp16"] - last["fp32"]) / last["fp32"] <= 0.03, last
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: bf16 compute trails fp32 by about 8% after 15 steps at lr 2e-4 (1.93 vs 2.08), also with fp32 "
-    "adapters; strict, so the suite fails once the cause is fixed and this must become a plain test",
-)
-def test_bf16_ends_within_3_percent_of_fp32(final_losses):
-    last = {d: losses[-1] for d, losses in final_losses.items()}
-    assert abs(last["bf16"] - last["fp32"]) / last["fp32"] <= 0.03, last
+    for a, b in (("fp16", "fp32"), ("bf16", "fp32"), ("bf16", "fp16")):
+        assert abs(last[a] - last[b]) / last[b] <= 0.03, (a, b, last)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ConfigError
+from .kernels import install_fused_lora
 from .precision import precision_of
 
 
@@ -37,10 +38,13 @@ def add_lora(
     targets: str | list[str] = "all-linear",
     rslora: bool = False,
     adapter_dtype: str | torch.dtype = "auto",
+    fused: bool = True,
 ):
     """Add trainable LoRA adapters, W = W0 + (alpha/r)·B·A (alpha/sqrt(r) with rslora), to a model from
     qlorakit.load. The base stays frozen and quantized; adapters get the policy's trainable dtype (adapter_dtype
-    'auto' follows DESIGN.md's table, an explicit one is validated against it). Returns the PEFT model."""
+    'auto' follows DESIGN.md's table, an explicit one is validated against it). With `fused` (the default) the
+    LoRA linear layers run through qlorakit.kernels.lora_linear, which adds the adapter's delta to the base output
+    before rounding to the compute dtype; PEFT's own layers otherwise. Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
     precision = precision_of(model).with_adapter_dtype(adapter_dtype)
@@ -69,4 +73,6 @@ def add_lora(
                 f"{', '.join(_linear_names(model))}"
             ) from e
         raise
+    if fused:
+        install_fused_lora(peft_model, precision.compute)
     return precision.attach(peft_model)

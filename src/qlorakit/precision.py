@@ -220,15 +220,23 @@ class Precision:
 
         - every 4-bit layer dequantizes to the compute dtype: its stored quant_state.dtype (bf16 in many
           pre-quantized checkpoints) is rewritten, and its compute dtype pinned so bitsandbytes does not switch
-          it from the first input it sees;
+          it from the first input it sees, nor to its bf16 CPU inference kernel in eval mode;
         - frozen floating weights (norms, embeddings, lm_head, biases) are stored in the compute dtype;
-        - trainable parameters are stored in the trainable dtype.
+        - trainable parameters are stored in the trainable dtype;
+        - fused LoRA layers (qlorakit.kernels) compute in the compute dtype.
         Quantized storage and buffers (rotary frequencies stay fp32) are left alone.
         """
         for _, module in _linear4bit_modules(model):
             module.weight.quant_state.dtype = self.compute
             module.compute_dtype = self.compute
             module.compute_type_is_set = True
+            # bitsandbytes would otherwise repack the weight for its AVX512-BF16 inference kernel the first time
+            # the layer runs in eval mode without gradients: that kernel computes in bf16 whatever the compute
+            # dtype, rounds the block scales to bf16 for good, and its inverse does not restore them exactly.
+            module.support_avx512bf16_for_cpu = False
+        for module in model.modules():
+            if getattr(module, "qlorakit_fused", False):
+                module.qlorakit_compute_dtype = self.compute
         for _, param in model.named_parameters():
             if _is_quantized_param(param):
                 continue
@@ -249,12 +257,24 @@ class Precision:
         """Raise PrecisionError naming the first parameter (or the scaler) that breaks an invariant."""
         for name, module in _linear4bit_modules(model):
             state_dtype = module.weight.quant_state.dtype
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                raise PrecisionError(
+                    f"{name}: bitsandbytes repacked this 4-bit layer for its bf16 CPU inference kernel, which "
+                    "rounded its block scales to bf16 (rule 1: every 4-bit layer dequantizes to the compute dtype). "
+                    "Reload the model through qlorakit.load, which keeps 4-bit layers out of that kernel."
+                )
             if state_dtype != self.compute or module.compute_dtype != self.compute:
                 raise PrecisionError(
                     f"{name}: 4-bit layer dequantizes to {dtype_name(state_dtype)} (compute dtype "
                     f"{dtype_name(module.compute_dtype)}) but the compute dtype is {dtype_name(self.compute)} "
                     "(rule 1: every 4-bit layer dequantizes to the compute dtype). Call Precision.apply(model) "
                     "after loading, or load through qlorakit.load."
+                )
+        for name, module in model.named_modules():
+            if getattr(module, "qlorakit_fused", False) and module.qlorakit_compute_dtype != self.compute:
+                raise PrecisionError(
+                    f"{name}: fused LoRA layer computes in {dtype_name(module.qlorakit_compute_dtype)} but the "
+                    f"compute dtype is {dtype_name(self.compute)}. Call Precision.apply(model)."
                 )
         scaler_on = scaler is not None and scaler.is_enabled()
         if scaler_on != self.uses_grad_scaler:
