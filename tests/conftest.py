@@ -33,16 +33,23 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**settings)
 
 
+SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+
+
+def _word_vocab() -> dict:
+    # ids 0-3 are the special tokens; they are not named w0..w3, which would match inside w10, w21, ...
+    return SPECIALS | {f"w{i}": i for i in range(4, VOCAB)}
+
+
 def tiny_tokenizer():
-    """A word-level tokenizer over 'w0'..'w255' with a chat template, for trainers that need one."""
+    """A word-level tokenizer over 'w4'..'w255' (ids 4-255; 0-3 are <pad> <s> </s> <unk>), no chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend = Tokenizer(models.WordLevel(_word_vocab(), unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="w0", bos_token="w1", eos_token="w2", unk_token="w3"
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
 
 
@@ -72,3 +79,35 @@ def tiny_batch():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Llama-3 style: a BOS, header tokens around the role, a blank line, <|eot_id|> ending each turn.
+LLAMA3 = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+    " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                 "<|eot_id|>"]
+
+
+def chat_tokenizer(template: str | None):
+    """The tiny word-level tokenizer plus chat markers and role words, with `template` (None: no template)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _word_vocab()
+    for word in ("system", "user", "assistant"):
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = template
+    return tokenizer

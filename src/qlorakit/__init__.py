@@ -1,23 +1,30 @@
 """qlorakit: QLoRA fine-tuning of causal language models, correct in every precision.
 
-    model, tokenizer = qlorakit.load("smollm2-135m-instruct", quant="nf4", dtype="auto")
+    run = qlorakit.train(model="smollm2-135m-instruct", data="train.jsonl", output="out")   # the whole run
+
+    model, tokenizer = qlorakit.load("smollm2-135m-instruct", quant="nf4", dtype="auto")     # or piece by piece
     model = qlorakit.add_lora(model, rank=16, alpha=32)
     step = qlorakit.TrainStep(model, lr=2e-4)
 """
 
 from .adapters import add_lora
-from .errors import ConfigError, PrecisionError, QLoraKitError, SourceError
+from .config import TrainConfig
+from .data import load_data
+from .errors import ConfigError, DataError, PrecisionError, QLoraKitError, SourceError, TrainingError
+from .evaluate import eval_loss, exact_match, generate
 from .load import DEFAULT_MODEL, QUANT_KINDS, load
+from .loss import causal_lm_loss
 from .precision import Precision, precision_of
-from .train import StepResult, TrainStep, causal_lm_loss
+from .train import RunResult, StepResult, TrainStep, train
 from .trl_guard import PrecisionCallback, guard
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "Precision", "PrecisionCallback", "PrecisionError",
-    "QLoraKitError", "SFTTrainer", "SourceError", "StepResult", "TrainStep", "add_lora", "causal_lm_loss", "guard",
-    "load", "precision_of",
+    "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "DataError", "Precision", "PrecisionCallback", "PrecisionError",
+    "QLoraKitError", "RunResult", "SFTTrainer", "SourceError", "StepResult", "TrainConfig", "TrainStep",
+    "TrainingError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "generate", "guard", "load",
+    "load_data", "precision_of", "train",
 ]
 
 

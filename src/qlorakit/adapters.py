@@ -76,3 +76,45 @@ def add_lora(
     if fused:
         install_fused_lora(peft_model, precision.compute)
     return precision.attach(peft_model)
+
+
+def read_adapter_info(path) -> dict:
+    """What an adapter directory says about its base: PEFT's adapter_config.json, and qlorakit.json when qlorakit
+    wrote it (base source, quantization, dtype)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not path.is_dir() or not config_file.is_file():
+        raise ConfigError(
+            f"{path}: not an adapter directory (no adapter_config.json); pass the --output directory of a "
+            "qlorakit run, or a PEFT LoRA adapter"
+        )
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{path}: adapter_model.safetensors is missing (qlorakit loads safetensors adapters only)")
+    info = {"peft": json.loads(config_file.read_text())}
+    extra = path / "qlorakit.json"
+    info["qlorakit"] = json.loads(extra.read_text()) if extra.is_file() else {}
+    return info
+
+
+def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: bool = True):
+    """Put a saved LoRA adapter (PEFT format) on a model from qlorakit.load; returns the PEFT model under the
+    model's precision policy."""
+    from peft import PeftModel
+
+    info = read_adapter_info(path)
+    if info["peft"].get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{path}: a {info['peft'].get('peft_type')} adapter; qlorakit loads LoRA adapters")
+    precision = precision_of(model)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable, autocast_adapter_dtype=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"{path}: the adapter does not fit this base model ({str(e).splitlines()[0][:300]}); it was trained on "
+            f"{info['peft'].get('base_model_name_or_path')!r}"
+        ) from None
+    if fused:
+        install_fused_lora(peft_model, precision.compute)
+    return precision.attach(peft_model)

@@ -1,4 +1,10 @@
-"""The `qlorakit` command: a thin layer over the Python API."""
+"""The `qlorakit` command: a thin layer over the Python API.
+
+    qlorakit train [CONFIG.yaml] [--data FILE] [--model SRC] ...   fine-tune (no data: the built-in demo task)
+    qlorakit chat --adapter DIR [--prompt TEXT]                     talk to base model + adapter
+    qlorakit eval --adapter DIR --data FILE                         loss, perplexity, exact match
+    qlorakit precision [--dtype D]                                  what the precision policy resolves to here
+"""
 
 from __future__ import annotations
 
@@ -12,13 +18,89 @@ DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 
 
 def _train(args) -> int:
+    from .config import TrainConfig
     from .demo import run_demo
+    from .train import train
 
-    results = run_demo(
-        source=args.model, quant=args.quant, dtype=args.dtype, device=args.device, steps=args.max_steps,
-        batch_size=args.batch_size, rank=args.rank, alpha=args.alpha, lr=args.lr, seed=args.seed,
-    )
-    print(f"loss {results[0].loss:.4f} -> {results[-1].loss:.4f} over {len(results)} steps")
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "overwrite", "quiet")}
+    config = TrainConfig.build(args.config, **flags)
+    if config.data is None:
+        from .config import read_yaml
+
+        settings = (read_yaml(args.config) if args.config else {}) | {k: v for k, v in flags.items() if v is not None}
+        demo = run_demo(progress=not args.quiet, **settings)
+        return 0 if demo["after"]["accuracy"] > demo["before"]["accuracy"] else 1
+    run = train(config, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"adapter (PEFT format) written to {run.output.resolve()}: adapter_config.json, adapter_model.safetensors;"
+          f" metrics.jsonl, loss.png, config.json beside it")
+    return 0
+
+
+def _load_with_adapter(args):
+    from .adapters import load_adapter, read_adapter_info
+    from .load import load
+
+    saved = read_adapter_info(args.adapter)["qlorakit"] if args.adapter else {}
+    source = args.model or saved.get("base_model") or DEFAULT_MODEL
+    model, tokenizer = load(source, quant=args.quant or saved.get("quant", "nf4"),
+                            double_quant=saved.get("double_quant", True), dtype=args.dtype or "auto",
+                            device=args.device)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def _chat(args) -> int:
+    from .evaluate import generate
+
+    model, tokenizer = _load_with_adapter(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        print(generate(model, tokenizer, [history + [{"role": "user", "content": args.prompt}]],
+                       max_new_tokens=args.max_new_tokens)[0])
+        return 0
+    print("chat with the model; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    turns = list(history)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            turns = list(history)
+            continue
+        if not text.strip():
+            continue
+        turns.append({"role": "user", "content": text})
+        answer = generate(model, tokenizer, [turns], max_new_tokens=args.max_new_tokens)[0]
+        turns.append({"role": "assistant", "content": answer})
+        print(f"model> {answer}")
+
+
+def _eval(args) -> int:
+    import json
+
+    from .data import load_data, read_examples
+    from .evaluate import eval_loss, exact_match, pad_id_of
+
+    model, tokenizer = _load_with_adapter(args)
+    data = load_data(args.data, tokenizer, format=args.format, max_length=args.max_length,
+                     on_long="truncate", skip_bad_rows=args.skip_bad_rows)
+    result = {"data": args.data, "examples": len(data.train)}
+    result.update(eval_loss(model, data.train, pad_id_of(tokenizer), args.batch_size))
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']} tokens, "
+          f"{len(data.train)} examples)")
+    examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows)
+    if fmt != "text" and not args.no_exact_match:
+        match = exact_match(model, tokenizer, examples[: args.limit] if args.limit else examples,
+                            max_new_tokens=args.max_new_tokens)
+        result["exact_match"] = match["accuracy"]
+        print(f"exact match {match['accuracy']:.1%} ({match['correct']}/{match['total']})")
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 
@@ -32,33 +114,109 @@ def _precision(args) -> int:
     return 0
 
 
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    # Every default is None: a flag that is not given leaves the YAML's value (or TrainConfig's default) alone.
+    bool_flag = argparse.BooleanOptionalAction
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help=f"HF model directory, .gguf file, or '{DEFAULT_MODEL}' (the default)")
+    g.add_argument("--quant", choices=QUANT_KINDS, help="base weight quantization (default nf4)")
+    g.add_argument("--double-quant", action=bool_flag, help="4-bit double quantization (default on)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default auto; see `qlorakit precision`)")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--trust-remote-code", action=bool_flag, help="run code shipped in the model directory")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="training data: .jsonl, .json, .csv, .parquet, or a saved datasets directory "
+                                  "(none: the built-in demo task)")
+    g.add_argument("--format", choices=["auto", "chat", "instruction", "prompt-completion", "text"],
+                   help="data format (default auto: detected from the fields)")
+    g.add_argument("--train-on", choices=["assistant", "all"],
+                   help="train on assistant/completion tokens only (default) or on every token")
+    g.add_argument("--max-length", type=int, help="tokens per example (default 1024)")
+    g.add_argument("--on-long", choices=["truncate", "drop", "error"],
+                   help="examples over --max-length: truncate (default, counted), drop, or stop with an error")
+    g.add_argument("--skip-bad-rows", action=bool_flag, help="skip and count bad rows instead of stopping")
+    g.add_argument("--validation", type=float, help="fraction of examples held out for evaluation (default 0)")
+    g.add_argument("--validation-data", help="a separate validation file")
+    g.add_argument("--packing", action=bool_flag, help="padding-free packed batches (default on)")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
+    g.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    g.add_argument("--targets", help="'all-linear' (default) or comma-separated module names, e.g. q_proj,v_proj")
+    g.add_argument("--rslora", action=bool_flag, help="rank-stabilised scaling alpha/sqrt(r)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, help="examples per micro-batch (default 8)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"],
+                   help="adamw (default), or bitsandbytes' 8-bit / paged AdamW (CUDA)")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="after warmup (default cosine)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 3%% of the run)")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0)")
+    g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    g.add_argument("--gradient-checkpointing", action=bool_flag, help="recompute activations in the backward")
+    g.add_argument("--seed", type=int, help="seed for adapters, data order and dropout (default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", help="run directory: adapter, config, metrics, checkpoints (default qlorakit-run)")
+    g.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: at the end)")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 0: none)")
+    g.add_argument("--keep-last", type=int, help="checkpoints kept (default 2)")
+    g.add_argument("--resume", action=bool_flag, help="continue from the newest checkpoint in --output")
+    g.add_argument("--log-every", type=int, help="metrics.jsonl line every N steps (default 1)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="adapter directory (a qlorakit run's --output, or any PEFT LoRA adapter)")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--quant", choices=QUANT_KINDS, help="base quantization (default: as trained)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default 128)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qlorakit", description="QLoRA fine-tuning of causal language models, correct in every precision."
-    )
+        prog="qlorakit", description="QLoRA fine-tuning of causal language models, correct in every precision.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
-        "train",
-        help="fine-tune a model with QLoRA (no arguments: the default model on the built-in task)",
-        description="Fine-tune MODEL with LoRA adapters over frozen quantized weights, on the built-in synthetic "
-        "extraction task.",
-    )
-    train.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"HF model directory, .gguf file, or '{DEFAULT_MODEL}' (default)")
-    train.add_argument("--quant", default="nf4", choices=QUANT_KINDS, help="base weight quantization (default nf4)")
-    train.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                       help="compute dtype (default auto: see `qlorakit precision`)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    train.add_argument("--max-steps", type=int, default=15, help="optimizer steps (default 15)")
-    train.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
-    train.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    train.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
-    train.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        "train", help="fine-tune with QLoRA (no data: the default model on the built-in demo task)",
+        description="Fine-tune a model with LoRA adapters over frozen quantized weights. Settings come from "
+        "TrainConfig's defaults, then CONFIG.yaml (keys as the flags, with underscores), then the flags. Writes "
+        "the adapter in PEFT format, config.json, metrics.jsonl and loss.png to --output. Without --data (and no "
+        "data: in CONFIG) it runs the built-in demo: the default model learns a synthetic extraction task and "
+        "held-out exact match is printed before and after.")
+    train.add_argument("config", nargs="?", help="YAML config file")
+    _add_train_flags(train)
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    precision = sub.add_parser("precision", help="show the precision policy `--dtype` resolves to on this machine")
+    chat = sub.add_parser("chat", help="chat with a base model and adapter (interactive, or one --prompt)",
+                          description="Greedy chat with a base model plus adapter, in the base's chat template.")
+    _add_model_flags(chat)
+    chat.add_argument("--prompt", help="answer this one message and exit")
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.set_defaults(func=_chat)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy of base model + adapter on data",
+                        description="Loss and perplexity over the trained tokens of DATA (answers only), and "
+                        "exact-match accuracy of greedy answers against the reference answers (the last assistant "
+                        "turn, output or completion).")
+    _add_model_flags(ev)
+    ev.add_argument("--data", required=True, help="evaluation data (same formats as train)")
+    ev.add_argument("--format", default="auto", choices=["auto", "chat", "instruction", "prompt-completion", "text"])
+    ev.add_argument("--max-length", type=int, default=1024, help="tokens per example (default 1024)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--limit", type=int, help="exact match on the first N examples only")
+    ev.add_argument("--no-exact-match", action="store_true", help="loss and perplexity only")
+    ev.add_argument("--skip-bad-rows", action="store_true")
+    ev.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    ev.set_defaults(func=_eval)
+
+    precision = sub.add_parser("precision", help="show the precision policy --dtype resolves to on this machine")
     precision.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     precision.add_argument("--device", default="auto")
     precision.set_defaults(func=_precision)
@@ -72,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except QLoraKitError as e:
         print(f"qlorakit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("qlorakit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -45,50 +45,52 @@ def make_examples(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def tokenize_chats(tokenizer, rows: list[dict], max_length: int = 256):
-    """Render chat rows with the tokenizer's template into a right-padded batch (input_ids, attention_mask)."""
-    enc = tokenizer.apply_chat_template(
-        [r["messages"] for r in rows], tokenize=True, padding=True, truncation=True, max_length=max_length,
-        return_tensors="pt", return_dict=True,
-    )
-    return enc["input_ids"], enc["attention_mask"]
+def demo_rows(n_train: int = 240, n_heldout: int = 60, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Training rows and held-out rows of the built-in task; no held-out sentence appears in training."""
+    rows = make_examples(4 * (n_train + n_heldout), seed=seed)
+    seen, unique = set(), []
+    for row in rows:
+        sentence = row["messages"][0]["content"]
+        if sentence not in seen:
+            seen.add(sentence)
+            unique.append(row)
+    return unique[:n_train], unique[n_train : n_train + n_heldout]
 
 
-def run_demo(
-    source: str = "smollm2-135m-instruct",
-    quant: str = "nf4",
-    dtype: str = "auto",
-    device: str = "auto",
-    steps: int = 15,
-    batch_size: int = 8,
-    rank: int = 16,
-    alpha: float = 32,
-    lr: float = 2e-4,
-    seed: int = 0,
-    data_seed: int | None = None,
-    log=print,
-):
-    """A short QLoRA fine-tune of `source` on the built-in task; returns every step's StepResult.
+# The demo's run: a few minutes on a 2-core CPU. Answers only, a higher learning rate than the general default
+# because the task is narrow and the run short.
+DEMO_SETTINGS = dict(max_steps=30, batch_size=8, lr=1e-3, schedule="cosine", warmup_steps=3, max_length=256,
+                     output="qlorakit-demo")
 
-    `seed` seeds torch (adapter initialisation); the examples come from `data_seed` (default: `seed`)."""
-    import torch
 
-    from .adapters import add_lora
-    from .load import load, quantization_summary
-    from .train import TrainStep
+def run_demo(log=print, progress: bool = True, n_heldout: int = 60, **overrides) -> dict:
+    """Fine-tune the default model on the built-in task and report held-out exact match before and after.
 
-    torch.manual_seed(seed)
-    model, tokenizer = load(source, quant=quant, dtype=dtype, device=device)
-    model = add_lora(model, rank=rank, alpha=alpha)
-    step = TrainStep(model, lr=lr)
-    log(f"model: {source} ({quantization_summary(model)})")
-    log(f"precision: {step.precision.describe()}")
-    rows = make_examples(steps * batch_size, seed=seed if data_seed is None else data_seed)
-    results = []
-    for i in range(steps):
-        ids, mask = tokenize_chats(tokenizer, rows[i * batch_size : (i + 1) * batch_size])
-        result = step(ids, attention_mask=mask)
-        results.append(result)
-        log(f"step {i + 1:>3}/{steps}  loss {result.loss:.4f}  grad-norm {result.grad_norm:.3f}"
-            + ("  (fp16 overflow: step skipped)" if result.skipped else ""))
-    return results
+    Returns {"before": ..., "after": ..., "output": ..., "seconds": ...}."""
+    import time
+
+    from .config import TrainConfig
+    from .data import read_examples
+    from .evaluate import exact_match
+    from .load import load
+    from .train import train
+
+    started = time.perf_counter()
+    config = TrainConfig.build(None, **(DEMO_SETTINGS | {k: v for k, v in overrides.items() if v is not None}))
+    model, tokenizer = load(config.model, quant=config.quant, double_quant=config.double_quant, dtype=config.dtype,
+                            device=config.device)
+    train_rows, heldout_rows = demo_rows(n_heldout=n_heldout, seed=config.seed)
+    heldout, _ = read_examples(heldout_rows, name="held-out")
+    log(f"built-in task: {INSTRUCTION!r} ({len(train_rows)} training chats, {len(heldout)} held out)")
+    before = exact_match(model, tokenizer, heldout, max_new_tokens=24)
+    log(f"held-out exact match before training: {before['accuracy']:.0%} ({before['correct']}/{before['total']}); "
+        f"e.g. {before['samples'][0]['answer']!r} for {before['samples'][0]['reference']!r}")
+    result = train(config, loaded=(model, tokenizer), demo_data=(train_rows, heldout_rows), overwrite=True,
+                   log=log, progress=progress)
+    after = exact_match(result.model, tokenizer, heldout, max_new_tokens=24)
+    seconds = time.perf_counter() - started
+    log(f"held-out exact match after training:  {after['accuracy']:.0%} ({after['correct']}/{after['total']}); "
+        f"e.g. {after['samples'][0]['answer']!r} for {after['samples'][0]['reference']!r}")
+    log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; try it with: "
+        f"qlorakit chat --adapter {result.output} --prompt '{INSTRUCTION}\\nSven, 41, works as a pilot in Oslo.'")
+    return {"before": before, "after": after, "output": result.output, "seconds": seconds, "run": result}

@@ -15,3 +15,11 @@ class SourceError(QLoraKitError, ValueError):
 
 class PrecisionError(QLoraKitError, ValueError):
     """A dtype, scaler or quantization state breaks the precision policy (DESIGN.md)."""
+
+
+class DataError(QLoraKitError, ValueError):
+    """A data file or one of its rows cannot be used; the message names the file, line and field."""
+
+
+class TrainingError(QLoraKitError, RuntimeError):
+    """Training cannot go on (for example a non-finite loss outside fp16); the last good checkpoint is intact."""

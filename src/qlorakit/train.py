@@ -1,39 +1,36 @@
-"""The training step under the precision policy: autocast in the compute dtype, loss in fp32, a GradScaler
-exactly under fp16, clipping on unscaled gradients, AdamW on the trainable parameters only."""
+"""Training under the precision policy: one optimizer step (`TrainStep`) and a whole run (`train`), the latter
+written out top to bottom — model, data, adapters, optimizer, resume, loop, outputs.
+
+A step: autocast in the compute dtype, loss in fp32, each micro-batch's loss divided by the trained tokens of the
+whole accumulated step (so accumulation equals one big batch), a GradScaler exactly under fp16, clipping on
+unscaled gradients. A non-finite loss under fp16 is the scaler's skipped step; under fp32/bf16 it stops the run
+before the optimizer touches the weights.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from .config import TrainConfig
+from .data import IGNORE_INDEX, Batch, TrainingData, collate, load_data, micro_batches
+from .errors import ConfigError, TrainingError
+from .loss import causal_lm_loss
 from .precision import precision_of
 
-IGNORE_INDEX = -100
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over unmasked labels, computed in fp32, and how many tokens it covers.
-
-    Returning the sum and the count (not the mean) lets callers normalise by the tokens of a whole accumulated
-    batch instead of averaging per-micro-batch means.
-    """
-    shift_logits = logits[..., :-1, :].float()
-    shift_labels = labels[..., 1:].to(shift_logits.device)
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+__all__ = ["RunResult", "StepResult", "TrainStep", "causal_lm_loss", "train"]
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean fp32 loss per label token
-    tokens: int
+    loss: float  # mean fp32 loss per trained token
+    tokens: int  # trained tokens
     grad_norm: float
     skipped: bool  # the GradScaler found inf/nan gradients and skipped the update
 
@@ -44,14 +41,8 @@ class TrainStep:
     The policy is checked here, before the first step: a violation raises PrecisionError naming the parameter.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        optimizer: torch.optim.Optimizer | None = None,
-    ):
+    def __init__(self, model, lr: float = 2e-4, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+                 optimizer: torch.optim.Optimizer | None = None):
         self.model = model
         self.precision = precision_of(model)
         self.scaler = self.precision.grad_scaler()
@@ -59,28 +50,33 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
+        self.device = self.params[0].device
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask=None) -> StepResult:
-        self.model.train()
-        device = next(p.device for p in self.params)
-        input_ids = input_ids.to(device)
+        """A step on one padded micro-batch; labels default to the input ids outside the attention mask."""
         if labels is None:
             labels = input_ids.clone()
             if attention_mask is not None:
-                labels[attention_mask.to(device) == 0] = IGNORE_INDEX
-        labels = labels.to(device)
-        with self.precision.autocast():
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=None if attention_mask is None else attention_mask.to(device),
-            ).logits
-        loss_sum, tokens = causal_lm_loss(logits, labels)
-        loss = loss_sum / max(tokens, 1)
+                labels[attention_mask == 0] = IGNORE_INDEX
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        return self.run([Batch(input_ids, labels, positions, attention_mask)])
+
+    def run(self, batches: list[Batch]) -> StepResult:
+        """A step over accumulated micro-batches, normalised by their trained tokens together."""
+        self.model.train()
+        total_tokens = sum(b.trained_tokens for b in batches)
+        loss_total = 0.0
+        for batch in batches:
+            batch = batch.to(self.device)
+            with self.precision.autocast():
+                logits = self.model(**batch.model_inputs()).logits
+            loss_sum, _ = causal_lm_loss(logits, batch.labels)
+            del logits
+            loss = loss_sum / max(total_tokens, 1)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_total += float(loss.detach())
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if self.scaler is not None:
@@ -89,7 +85,290 @@ class TrainStep:
             self.scaler.update()
             skipped = self.scaler.get_scale() < scale_before
         else:
+            if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(
+                    f"non-finite {'loss' if not math.isfinite(loss_total) else 'gradient norm'} "
+                    f"({loss_total if not math.isfinite(loss_total) else grad_norm}) under "
+                    f"{self.precision.describe()}; the weights were not updated. Lower the learning rate, check "
+                    "the data, or train in fp32"
+                )
             self.optimizer.step()
             skipped = False
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=float(loss.detach()), tokens=tokens, grad_norm=grad_norm, skipped=skipped)
+        return StepResult(loss=loss_total, tokens=total_tokens, grad_norm=grad_norm, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunResult:
+    output: Path
+    steps: int
+    final_loss: float | None
+    eval: dict | None
+    data_report: str
+    model: torch.nn.Module = field(repr=False)
+    tokenizer: object = field(repr=False)
+    metrics: list[dict] = field(default_factory=list, repr=False)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = params[0].device.type
+    if device != "cuda":
+        raise ConfigError(
+            f"optimizer={name!r} is bitsandbytes' {'paged ' if 'paged' in name else ''}"
+            f"{'8-bit ' if '8bit' in name else ''}AdamW, which runs on CUDA GPUs; on the {device} use "
+            "optimizer=adamw"
+        )
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """Linear warmup to the base learning rate, then cosine or linear decay to zero, or constant."""
+
+    def factor(step: int) -> float:  # `step` optimizer steps have been taken
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(progress, 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _MicroBatchStream:
+    """Micro-batches in a deterministic order, epoch after epoch, from a saved position."""
+
+    def __init__(self, items, batch_size: int, seed: int, pad_id: int, packed: bool, position: dict):
+        self.items, self.batch_size, self.seed, self.pad_id, self.packed = items, batch_size, seed, pad_id, packed
+        self.epoch, self.index = position["epoch"], position["micro"]
+        self._epoch_batches = micro_batches(items, batch_size, self.epoch, seed)
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "micro": self.index}
+
+    def take(self, n: int) -> list[Batch]:
+        out = []
+        for _ in range(n):
+            if self.index >= len(self._epoch_batches):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._epoch_batches = micro_batches(self.items, self.batch_size, self.epoch, self.seed)
+            out.append(collate(self._epoch_batches[self.index], self.pad_id, self.packed))
+            self.index += 1
+        return out
+
+
+def _prepare_output(out: Path, config: TrainConfig, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one's directory (its checkpoints would be lost or mixed up)."""
+    from .checkpoint import list_checkpoints
+
+    if config.resume:
+        if not list_checkpoints(out / "checkpoints"):
+            raise TrainingError(
+                f"{out}: no checkpoint to resume from (checked {out / 'checkpoints'}); point --output at the "
+                "interrupted run, or start without --resume"
+            )
+        return
+    if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
+        if not overwrite:
+            raise TrainingError(
+                f"{out}: holds an earlier run (checkpoints or metrics.jsonl); continue it with --resume, choose "
+                "another --output, or replace it with --overwrite"
+            )
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resumable(out: Path, config: TrainConfig) -> None:
+    """The resumed run must be the same run: same model, data and adapter shape as the saved config."""
+    import json
+
+    saved_path = out / "config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    fixed = ("model", "data", "quant", "double_quant", "rank", "targets", "seed", "batch_size", "grad_accum",
+             "max_length", "packing", "train_on", "format")
+    changed = [k for k in fixed if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        k = changed[0]
+        raise TrainingError(
+            f"{out}: --resume with {k}={getattr(config, k)!r}, but the run was started with {k}={saved[k]!r}; "
+            f"a resumed run must keep {', '.join(fixed)}"
+        )
+
+
+def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | None = None, overwrite: bool = False,
+          log=print, progress: bool = True, demo_data: tuple | None = None, **overrides) -> RunResult:
+    """Fine-tune a model with QLoRA and write the adapter (PEFT format), config, metrics and loss curve.
+
+    `config` is a TrainConfig, a YAML path, or None (defaults); `overrides` are TrainConfig fields
+    (`train(model="...", data="train.jsonl")`). `loaded` = (model, tokenizer) from qlorakit.load, without adapters,
+    skips loading. `demo_data` = (train rows,
+    validation rows) stands in for `config.data` (the built-in task uses it).
+    """
+    from .adapters import add_lora
+    from .checkpoint import atomic_write_json, list_checkpoints, load_checkpoint, save_checkpoint
+    from .evaluate import eval_loss, pad_id_of
+    from .load import load, quantization_summary
+    from .metrics import MetricsLog, plot_loss_curve
+
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.build(config, **overrides)
+    elif overrides:
+        config = TrainConfig.from_dict(config.to_dict() | {k: v for k, v in overrides.items() if v is not None})
+    cfg = config
+    out = Path(cfg.output)
+    _prepare_output(out, cfg, overwrite)
+    if cfg.resume:
+        _check_resumable(out, cfg)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # 1. The model, quantized and in its precision.
+    if loaded is not None:
+        model, tokenizer = loaded
+    else:
+        model, tokenizer = load(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant, dtype=cfg.dtype,
+                                device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    pad_id = pad_id_of(tokenizer)
+
+    # 2. The data: rows -> examples -> token ids and labels.
+    if demo_data is not None:
+        rows, held = demo_data
+        data = load_data(rows, tokenizer, cfg.format, cfg.max_length, cfg.train_on, cfg.on_long,
+                         validation_source=held, seed=cfg.seed, name="built-in task")
+    elif cfg.data is None:
+        raise ConfigError("no training data: pass --data FILE (or data: in the YAML config)")
+    else:
+        data = load_data(cfg.data, tokenizer, cfg.format, cfg.max_length, cfg.train_on, cfg.on_long,
+                         cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed)
+    log(f"data: {cfg.data or 'built-in task'} ({data.format}): {data.report.describe()}"
+        + (f"; {len(data.validation)} held out for evaluation" if data.validation else ""))
+    for skipped in data.report.skipped_rows[:5]:
+        log(f"  skipped: {skipped}")
+
+    # 3. Adapters (the base stays frozen and quantized).
+    model = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                     rslora=cfg.rslora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    precision = precision_of(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {cfg.model} ({quantization_summary(model)}); LoRA r={cfg.rank} alpha={cfg.alpha:g} on "
+        f"{cfg.targets}: {trainable / 1e6:.2f}M trainable parameters")
+    log(f"precision: {precision.describe()}")
+
+    # 4. Optimizer and schedule.
+    micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+    step_fn = TrainStep(model, optimizer=optimizer, max_grad_norm=cfg.max_grad_norm)
+    scheduler = make_scheduler(optimizer, cfg.schedule, warmup, total_steps)
+
+    # 5. Resume: weights, optimizer, schedule, scaler, RNG and data position from the newest checkpoint.
+    start_step, position, last_checkpoint = 0, {"epoch": 0, "micro": 0}, None
+    if cfg.resume:
+        last_checkpoint = list_checkpoints(out / "checkpoints")[-1]
+        state = load_checkpoint(last_checkpoint, model, optimizer, scheduler, step_fn.scaler)
+        start_step, position = state["step"], state["position"]
+        log(f"resumed from {last_checkpoint} (step {start_step} of {total_steps})")
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if cfg.resume else None)
+    stream = _MicroBatchStream(data.train, cfg.batch_size, cfg.seed, pad_id, cfg.packing, position)
+
+    # 6. The loop.
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+    result, last_eval, started = None, None, time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+        batches = stream.take(cfg.grad_accum)
+        tick = time.perf_counter()
+        try:
+            result = step_fn.run(batches)
+        except TrainingError as e:
+            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+            raise TrainingError(f"step {step}: {e}; {where}") from None
+        scheduler.step()
+        seconds = time.perf_counter() - tick
+        real_tokens = sum(b.real_tokens for b in batches)
+        record = {"step": step, "epoch": round(stream.epoch + stream.index / max(1, micro_per_epoch), 4),
+                  "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+                  "trained_tokens": result.tokens, "tokens": real_tokens,
+                  "tokens_per_s": real_tokens / seconds, "skipped": result.skipped,
+                  "elapsed_s": time.perf_counter() - started}
+        if step % cfg.log_every == 0 or step == total_steps:
+            metrics.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{real_tokens / seconds:.0f}")
+            bar.update(1)
+        if data.validation and cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+            last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing)
+            metrics.write({"step": step, "eval_loss": last_eval["loss"], "eval_perplexity": last_eval["perplexity"]})
+        if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+            last_checkpoint = save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
+                                              step_fn.scaler, stream.position, record, cfg.keep_last)
+    if bar is not None:
+        bar.close()
+
+    # 7. Outputs: final evaluation, the adapter (PEFT format), metrics, loss curve.
+    if data.validation:
+        last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing)
+        metrics.write({"step": total_steps, "eval_loss": last_eval["loss"],
+                       "eval_perplexity": last_eval["perplexity"]})
+        log(f"validation: loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f} "
+            f"({last_eval['tokens']} tokens)")
+    save_adapter(model, out, cfg, precision, data)
+    records = metrics.read()
+    plot_loss_curve(records, out / "loss.png", title=f"{Path(str(cfg.model)).name} r={cfg.rank}")
+    final_loss = result.loss if result is not None else None
+    return RunResult(out, total_steps, final_loss, last_eval, data.report.describe(), model, tokenizer, records)
+
+
+def save_adapter(model, out: Path, cfg: TrainConfig, precision, data: TrainingData | None = None) -> Path:
+    """The adapter in PEFT format (adapter_config.json + adapter_model.safetensors) plus qlorakit.json (how to
+    load the base again), each file written atomically."""
+    import os
+    import tempfile
+
+    from .checkpoint import atomic_write_json
+    from .precision import dtype_name
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
+    try:
+        peft_config = model.peft_config["default"]
+        base_path = peft_config.base_model_name_or_path
+        peft_config.base_model_name_or_path = str(cfg.model)  # the source as given, not a cache directory
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            peft_config.base_model_name_or_path = base_path
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_json(out / "qlorakit.json", {
+        "base_model": str(cfg.model), "quant": cfg.quant, "double_quant": cfg.double_quant,
+        "dtype": dtype_name(precision.compute), "adapter_dtype": dtype_name(precision.adapter),
+        "format": data.format if data else None, "max_length": cfg.max_length,
+    })
+    return out

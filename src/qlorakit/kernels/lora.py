@@ -49,11 +49,14 @@ def dequantize_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor
     return dense.to(dtype)
 
 
-def _one_rounding_matmul(left: list[torch.Tensor], right: list[torch.Tensor]) -> torch.Tensor:
+def _one_rounding_matmul(left: list[torch.Tensor], right: list[torch.Tensor], right_transposed: bool = False):
     """sum_i left[i] @ right[i] as one product over the concatenated inner dimension: fp32 accumulation, one
-    rounding to the output dtype."""
+    rounding to the output dtype. With `right_transposed`, right[i] are given as [out, k_i] and the product uses
+    their transpose, the layout of x @ W.t() (it matters to the CPU's half-precision GEMM: ~2x)."""
     if len(left) == 1:
-        return left[0] @ right[0]
+        return left[0] @ (right[0].t() if right_transposed else right[0])
+    if right_transposed:
+        return torch.cat(left, dim=-1) @ torch.cat(right, dim=1).t()
     return torch.cat(left, dim=-1) @ torch.cat(right, dim=0)
 
 
@@ -77,11 +80,11 @@ class _LoRALinear(torch.autograd.Function):
                 if bias is not None:
                     out += bias.to(compute)
             else:
-                left, right = [x2, xa * scale], [weight.t(), b.t()]
+                left, right = [x2, xa * scale], [weight, b]
                 if bias is not None:
                     left.append(x2.new_ones(x2.shape[0], 1))
-                    right.append(bias.to(compute).reshape(1, -1))
-                out = _one_rounding_matmul(left, right)
+                    right.append(bias.to(compute).reshape(-1, 1))
+                out = _one_rounding_matmul(left, right, right_transposed=True)
         ctx.save_for_backward(x2, None if same else xd2, xa, lora_a, lora_b)
         ctx.same, ctx.scale, ctx.base, ctx.compute, ctx.lead = same, scale, base, compute, lead
         return out.reshape(*lead, out.shape[-1])

@@ -1,0 +1,89 @@
+"""Tokenized examples -> batches: a deterministic order per epoch, and either padding-free packed rows (the
+default) or right-padded rows.
+
+Packed: the examples of a micro-batch are laid end to end in one row, with position ids restarting at 0 for each
+and no attention mask. transformers' masking (sdpa and eager attention) reads the restarts from the position ids and
+builds a block-diagonal causal mask, so no token attends across examples; flash-attention kernels use the same
+position ids for their variable-length path. With attention implementations that ignore position ids for masking
+(none of the Llama-family ones in transformers 5), examples would see their predecessors in the row; `packing=False`
+avoids packing altogether. The loss does not cross examples either way: each example's first label is masked.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .tokenize import IGNORE_INDEX, Tokenized
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [rows, length]
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None  # None when packed
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    @property
+    def real_tokens(self) -> int:
+        return self.input_ids.numel() if self.attention_mask is None else int(self.attention_mask.sum())
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask))
+
+    def model_inputs(self) -> dict:
+        # use_cache=False: with a cache transformers does not look for packed sequences in the position ids.
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "attention_mask": self.attention_mask, "use_cache": False}
+
+
+def collate(items: list[Tokenized], pad_id: int, packed: bool = True) -> Batch:
+    if packed:
+        ids = [t for item in items for t in item.input_ids]
+        labels = [t for item in items for t in item.labels]
+        positions = [p for item in items for p in range(len(item.input_ids))]
+        as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+        return Batch(as_row(ids), as_row(labels), as_row(positions), None)
+    length = max(len(item.input_ids) for item in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        mask[row, :n] = 1
+    positions = torch.arange(length).expand(len(items), -1).clone()
+    return Batch(ids, labels, positions, mask)
+
+
+def epoch_order(n_items: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
+    """The order of the examples in `epoch`: a function of (seed, epoch) only, so a resumed run sees the same."""
+    order = list(range(n_items))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def micro_batches(items: list[Tokenized], batch_size: int, epoch: int, seed: int, shuffle: bool = True):
+    """The epoch's micro-batches as lists of items (the last one may be smaller)."""
+    order = epoch_order(len(items), epoch, seed, shuffle)
+    return [[items[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random `fraction` of the items held out (at least one when fraction > 0)."""
+    if fraction <= 0:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(f"split:{seed}").shuffle(order)
+    n_val = max(1, round(len(items) * fraction))
+    held = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

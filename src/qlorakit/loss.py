@@ -1,0 +1,25 @@
+"""The causal language-modelling loss, always in fp32 (DESIGN.md)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data.tokenize import IGNORE_INDEX
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over unmasked labels, computed in fp32, and how many tokens it covers.
+
+    Returning the sum and the count (not the mean) lets callers normalise by the tokens of a whole accumulated
+    batch instead of averaging per-micro-batch means.
+    """
+    shift_logits = logits[..., :-1, :].float()
+    shift_labels = labels[..., 1:].to(shift_logits.device)
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
