@@ -165,8 +165,9 @@ def check_trainable(items: list[Tokenized], report: TokenizeReport, source: str,
         cause = (f"all {report.dropped_long} examples were longer than max_length with their answers beyond it; "
                  "raise --max-length")
     elif train_on == "assistant":
-        cause = ("every label is masked: no example has assistant or completion tokens (are the answers empty?); "
-                 "fix the data, or train on every token with --train-on all")
+        cause = ("every label is masked: no example has assistant or completion tokens (empty answers, or a chat "
+                 "template that renders no text for assistant turns); fix the data or the template, or train on "
+                 "every token with --train-on all")
     else:
         cause = "every example is a single token"
     raise DataError(f"{source}: nothing to train on — {cause}")
