@@ -20,7 +20,7 @@ import torch
 
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Batch, TrainingData, collate, load_data, micro_batches
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DataError, TrainingError
 from .loss import causal_lm_loss
 from .precision import precision_of
 
@@ -233,6 +233,12 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     _prepare_output(out, cfg, overwrite)
     if cfg.resume:
         _check_resumable(out, cfg)
+    if cfg.data is not None and demo_data is None:
+        from .data.files import file_kind
+
+        if not Path(cfg.data).expanduser().exists():  # before minutes of model loading
+            raise DataError(f"{cfg.data}: data file not found; check the path given to --data")
+        file_kind(Path(cfg.data).expanduser())
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 

@@ -1,0 +1,67 @@
+"""The command line: help everywhere, YAML config with flags on top, train/eval/chat on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qlorakit.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command,expected", [
+    ("train", ["--data", "--format", "--quant", "--dtype", "--rank", "--alpha", "--targets", "--max-length",
+               "--batch-size", "--grad-accum", "--lr", "--epochs", "--max-steps", "--packing", "--no-packing",
+               "--output", "--resume", "--save-every", "--eval-every", "--schedule", "--optimizer",
+               "--gradient-checkpointing", "--skip-bad-rows", "--validation", "--train-on", "--on-long"]),
+    ("chat", ["--adapter", "--model", "--prompt", "--system", "--max-new-tokens"]),
+    ("eval", ["--adapter", "--data", "--limit", "--no-exact-match", "--json"]),
+    ("precision", ["--dtype", "--device"]),
+])
+def test_help(capsys, command, expected):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in expected:
+        assert flag in text, flag
+
+
+def test_flags_override_yaml_and_the_effective_config_is_saved(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    rows = [{"instruction": f"w{10 + i % 30} w{50 + i % 7}", "output": "w100 w101"} for i in range(24)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(rows))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {data}\ndtype: fp32\ndevice: cpu\nrank: 4\nalpha: 8\n"
+                      f"lr: 1e-2\nmax_steps: 9\nbatch_size: 4\noutput: {tmp_path / 'out'}\n")
+    assert main(["train", str(config), "--max-steps", "3", "--lr", "5e-3", "--quiet"]) == 0
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["max_steps"] == 3 and saved["lr"] == 5e-3  # flags win
+    assert saved["rank"] == 4 and saved["batch_size"] == 4 and saved["data"] == str(data)  # from the YAML
+    assert "adapter (PEFT format) written to" in capsys.readouterr().out
+
+    # eval and chat use the run's adapter and find the base model in it
+    assert main(["eval", "--adapter", str(tmp_path / "out"), "--data", str(data), "--dtype", "fp32",
+                 "--max-new-tokens", "4", "--limit", "4", "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["examples"] == 24 and result["loss"] > 0 and 0 <= result["exact_match"] <= 1
+    assert "perplexity" in out and "exact match" in out
+    assert main(["chat", "--adapter", str(tmp_path / "out"), "--dtype", "fp32", "--prompt", "w10 w50",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+    answers = iter(["w10 w50", "/reset", "w11 w51", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", "--adapter", str(tmp_path / "out"), "--dtype", "fp32", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2
+
+
+def test_errors_exit_2_with_the_message(capsys, tmp_path):
+    assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")]) == 2
+    assert "qlorakit: error: " in capsys.readouterr().err
+
+
+def test_parser_defaults_leave_config_alone():
+    args = build_parser().parse_args(["train"])
+    assert all(getattr(args, k) is None for k in ("lr", "rank", "packing", "max_steps", "data"))
