@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .errors import ConfigError
 from .kernels import install_fused_lora
+
+# PEFT reads a transformers attribute that transformers 5 deprecates; the warning is about their code, not the user's.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 from .precision import precision_of
 
 

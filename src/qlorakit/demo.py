@@ -92,5 +92,5 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, **overrides)
     log(f"held-out exact match after training:  {after['accuracy']:.0%} ({after['correct']}/{after['total']}); "
         f"e.g. {after['samples'][0]['answer']!r} for {after['samples'][0]['reference']!r}")
     log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; try it with: "
-        f"qlorakit chat --adapter {result.output} --prompt '{INSTRUCTION}\\nSven, 41, works as a pilot in Oslo.'")
+        f"qlorakit chat --adapter {result.output} --prompt $'{INSTRUCTION}\\nSven, 41, works as a pilot in Oslo.'")
     return {"before": before, "after": after, "output": result.output, "seconds": seconds, "run": result}

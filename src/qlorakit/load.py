@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import contextlib
 import logging
 import os
 import shutil
@@ -197,6 +198,19 @@ def _check_architecture(config, source: Path) -> None:
 # ---------------------------------------------------------------------------------------------- load
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load(
     source: str | os.PathLike = DEFAULT_MODEL,
     quant: str = "nf4",
@@ -248,14 +262,15 @@ def load(
 
     extra = {} if quantization_config is None else {"quantization_config": quantization_config}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            directory,
-            dtype=precision.compute,
-            device_map={"": str(torch.device(precision.device_type))},
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-            **extra,
-        )
+        with _no_progress_bars():  # a per-tensor bar for a load of seconds is noise in a training log
+            model, info = AutoModelForCausalLM.from_pretrained(
+                directory,
+                dtype=precision.compute,
+                device_map={"": str(torch.device(precision.device_type))},
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                **extra,
+            )
     except RuntimeError as e:
         if "mismatched" not in str(e) and "size mismatch" not in str(e):
             raise
