@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .errors import ConfigError
-from .kernels import install_fused_lora
+from .kernels import install_fused_lora, install_packed_attention
 
 # PEFT reads a transformers attribute that transformers 5 deprecates; the warning is about their code, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -49,7 +49,8 @@ def add_lora(
     qlorakit.load. The base stays frozen and quantized; adapters get the policy's trainable dtype (adapter_dtype
     'auto' follows DESIGN.md's table, an explicit one is validated against it). With `fused` (the default) the
     LoRA linear layers run through qlorakit.kernels.lora_linear, which adds the adapter's delta to the base output
-    before rounding to the compute dtype; PEFT's own layers otherwise. Returns the PEFT model."""
+    before rounding to the compute dtype, and packed rows get per-example attention (qlorakit.kernels.attention);
+    PEFT's layers and transformers' sdpa attention otherwise. Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
     precision = precision_of(model).with_adapter_dtype(adapter_dtype)
@@ -80,6 +81,7 @@ def add_lora(
         raise
     if fused:
         install_fused_lora(peft_model, precision.compute)
+        install_packed_attention(peft_model)
     return precision.attach(peft_model)
 
 
@@ -122,4 +124,5 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: b
         ) from None
     if fused:
         install_fused_lora(peft_model, precision.compute)
+        install_packed_attention(peft_model)
     return precision.attach(peft_model)
