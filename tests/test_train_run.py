@@ -161,14 +161,14 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_model_dir, dat
 
 
 def _nan_at_step(model, bad_step):
-    """Make the model's logits NaN in the forward of optimizer step `bad_step` (one micro-batch per step)."""
+    """Make the final hidden states NaN in the forward of optimizer step `bad_step` (one micro-batch per step)."""
     calls = {"n": 0}
 
     def hook(module, args, output):
         calls["n"] += 1
         return output * float("nan") if calls["n"] == bad_step else output
 
-    model.lm_head.register_forward_hook(hook)
+    model.model.norm.register_forward_hook(hook)
 
 
 def test_non_finite_loss_stops_before_the_update_with_the_checkpoint_named(tiny_model_dir, data_file, tmp_path):

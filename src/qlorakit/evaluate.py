@@ -8,7 +8,7 @@ import torch
 
 from .data import Example, Tokenized, collate, render_chat
 from .precision import precision_of
-from .loss import causal_lm_loss
+from .loss import batch_loss
 
 
 def pad_id_of(tokenizer) -> int:
@@ -30,8 +30,7 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 8, p
         for start in range(0, len(items), batch_size):
             batch = collate(items[start : start + batch_size], pad_id, packed).to(device)
             with precision.autocast():
-                logits = model(**batch.model_inputs()).logits
-            loss_sum, n = causal_lm_loss(logits, batch.labels)
+                loss_sum, n = batch_loss(model, batch.model_inputs(), batch.labels)
             total += float(loss_sum)
             tokens += n
     finally:

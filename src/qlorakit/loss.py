@@ -23,3 +23,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         reduction="sum",
     )
     return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def batch_loss(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(fp32 loss sum, trained tokens) of a model on one batch: from the hidden states through the chunked
+    cross-entropy where the model's logits are a plain lm_head product, from its full logits otherwise."""
+    from .kernels.cross_entropy import chunked_causal_lm_loss, output_head
+
+    parts = output_head(model)
+    if parts is None:
+        return causal_lm_loss(model(**inputs).logits, labels)
+    decoder, head = parts
+    hidden = decoder(**inputs).last_hidden_state
+    return chunked_causal_lm_loss(hidden, head.weight, labels)

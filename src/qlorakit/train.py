@@ -21,7 +21,7 @@ import torch
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Batch, TrainingData, collate, load_data, micro_batches
 from .errors import ConfigError, DataError, TrainingError
-from .loss import causal_lm_loss
+from .loss import batch_loss, causal_lm_loss
 from .precision import precision_of
 
 __all__ = ["RunResult", "StepResult", "TrainStep", "causal_lm_loss", "train"]
@@ -69,9 +69,7 @@ class TrainStep:
         for batch in batches:
             batch = batch.to(self.device)
             with self.precision.autocast():
-                logits = self.model(**batch.model_inputs()).logits
-            loss_sum, _ = causal_lm_loss(logits, batch.labels)
-            del logits
+                loss_sum, _ = batch_loss(self.model, batch.model_inputs(), batch.labels)
             loss = loss_sum / max(total_tokens, 1)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_total += float(loss.detach())

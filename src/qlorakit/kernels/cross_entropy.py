@@ -1,0 +1,84 @@
+"""Causal-LM cross-entropy straight from the last hidden states, a chunk of tokens at a time.
+
+The usual path materialises [tokens x vocab] logits in the compute dtype, an fp32 copy for the loss and an fp32
+gradient of the same size: for 8 x 512 tokens and SmolLM2's 49,152-token vocabulary that is 0.4 + 0.8 + 0.8 GB.
+Here the lm_head product, log-sum-exp and gradient are computed per chunk of tokens, in the same dtypes as the usual
+path (product in the compute dtype, softmax in fp32), and only the hidden states are kept for the backward, which
+recomputes each chunk's logits. Values and gradients are those of `F.cross_entropy` on the full logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.tokenize import IGNORE_INDEX
+
+CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
+
+
+def _chunk_tokens(vocab: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                target = labels[start : start + chunk]
+                logits = (hidden[start : start + chunk] @ weight.t()).float()
+                valid = target != IGNORE_INDEX
+                picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+                total += ((torch.logsumexp(logits, dim=1) - picked) * valid).sum()
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                target = labels[start : start + ctx.chunk]
+                logits = (hidden[start : start + ctx.chunk] @ weight.t()).float()
+                grad = torch.softmax(logits, dim=1)
+                valid = target != IGNORE_INDEX
+                rows = torch.arange(target.shape[0], device=target.device)
+                grad[rows, target.clamp(min=0)] -= 1.0
+                grad *= (valid.float() * grad_total).unsqueeze(1)
+                grad_hidden[start : start + ctx.chunk] = grad.to(hidden.dtype) @ weight
+        return grad_hidden, None, None, None
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           chunk: int | None = None) -> tuple[torch.Tensor, int]:
+    """(fp32 sum of next-token losses, number of trained tokens) from hidden states [batch, length, hidden] and the
+    frozen output-head weight [vocab, hidden]; labels as for `qlorakit.causal_lm_loss` (unshifted)."""
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    keep = targets != IGNORE_INDEX
+    if not bool(keep.all()):  # untrained positions cost nothing
+        hidden, targets = hidden[keep], targets[keep]
+    total = _ChunkedCrossEntropy.apply(hidden, weight.to(hidden.dtype), targets, chunk or _chunk_tokens(weight.shape[0]))
+    return total, int(targets.shape[0])
+
+
+# Causal-LM families whose logits are exactly lm_head(hidden states): no soft-capping, scaling or bias after it.
+_PLAIN_HEADS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "granite", "smollm3"}
+
+
+def output_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder, lm_head) when the chunked loss can stand in for the model's own logits, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    head = getattr(base, "lm_head", None)
+    decoder = getattr(base, "model", None)
+    if config is None or getattr(config, "model_type", None) not in _PLAIN_HEADS or decoder is None:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", 1.0) not in (1, 1.0):
+        return None
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None  # a LoRA-wrapped or trainable head: the model's own forward
+    return decoder, head
