@@ -1,8 +1,10 @@
-"""The fast path: fused LoRA layers swapped into PEFT models, and per-example attention over packed rows
-(pure torch, CPU and CUDA)."""
+"""The fast path: fused LoRA layers swapped into PEFT models, a lean RMSNorm, per-example attention over packed
+rows, and a chunked cross-entropy (pure torch, CPU and CUDA)."""
 
 from .attention import install_packed_attention, packed_attention_forward
+from .cross_entropy import chunked_causal_lm_loss
 from .lora import dequantize_weight, install_fused_lora, lora_linear
+from .rmsnorm import install_rms_norm, rms_norm
 
-__all__ = ["dequantize_weight", "install_fused_lora", "install_packed_attention", "lora_linear",
-           "packed_attention_forward"]
+__all__ = ["chunked_causal_lm_loss", "dequantize_weight", "install_fused_lora", "install_packed_attention",
+           "install_rms_norm", "lora_linear", "packed_attention_forward", "rms_norm"]
