@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .errors import ConfigError
-from .kernels import install_fused_lora, install_packed_attention, install_rms_norm
+from .kernels import install_fused_lora, install_fused_mlp, install_packed_attention, install_rms_norm
 
 # PEFT reads a transformers attribute that transformers 5 deprecates; the warning is about their code, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -81,6 +81,7 @@ def add_lora(
         raise
     if fused:
         install_fused_lora(peft_model, precision.compute)
+        install_fused_mlp(peft_model)
         install_packed_attention(peft_model)
         install_rms_norm(peft_model)
     return precision.attach(peft_model)
@@ -125,6 +126,7 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: b
         ) from None
     if fused:
         install_fused_lora(peft_model, precision.compute)
+        install_fused_mlp(peft_model)
         install_packed_attention(peft_model)
         install_rms_norm(peft_model)
     return precision.attach(peft_model)

@@ -4,7 +4,8 @@ rows, and a chunked cross-entropy (pure torch, CPU and CUDA)."""
 from .attention import install_packed_attention, packed_attention_forward
 from .cross_entropy import chunked_causal_lm_loss
 from .lora import dequantize_weight, install_fused_lora, lora_linear
+from .mlp import install_fused_mlp
 from .rmsnorm import install_rms_norm, rms_norm
 
-__all__ = ["chunked_causal_lm_loss", "dequantize_weight", "install_fused_lora", "install_packed_attention",
+__all__ = ["chunked_causal_lm_loss", "dequantize_weight", "install_fused_lora", "install_fused_mlp", "install_packed_attention",
            "install_rms_norm", "lora_linear", "packed_attention_forward", "rms_norm"]

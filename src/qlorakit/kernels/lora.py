@@ -145,23 +145,30 @@ def _dropout_p(module: torch.nn.Module) -> float | None:
     return None
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Forward of a PEFT LoRA linear layer through `lora_linear`; anything the fused function does not cover
-    (disabled or merged adapters, several active adapters, DoRA and other variants, mixed-batch adapter names,
-    non-standard dropout) goes to PEFT's own forward."""
-    active = self.active_adapters
+def fast_path_parts(layer) -> tuple | None:
+    """(base, A, B, scale, dropout_p) when `layer` (a PEFT LoRA linear routed by install_fused_lora) can take the
+    fused function; None for the cases PEFT's forward must handle (disabled or merged adapters, several active
+    adapters, DoRA and other variants, non-standard dropout)."""
+    if not getattr(layer, "qlorakit_fused", False):
+        return None
+    active = layer.active_adapters
     name = active[0] if len(active) == 1 else None
-    dropout_p = _dropout_p(self.lora_dropout[name]) if name in self.lora_A else None
+    dropout_p = _dropout_p(layer.lora_dropout[name]) if name in layer.lora_A else None
     if (
-        args or kwargs or dropout_p is None or self.disable_adapters or self.merged
-        or name in getattr(self, "lora_variant", {}) or self.use_dora.get(name, False)
+        dropout_p is None or layer.disable_adapters or layer.merged
+        or name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False)
     ):
+        return None
+    return layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name], dropout_p
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Forward of a PEFT LoRA linear layer through `lora_linear`, or PEFT's own (see fast_path_parts)."""
+    parts = None if args or kwargs else fast_path_parts(self)
+    if parts is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    return lora_linear(
-        x, base, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-        self.qlorakit_compute_dtype, dropout_p, self.training,
-    )
+    base, lora_a, lora_b, scale, dropout_p = parts
+    return lora_linear(x, base, lora_a, lora_b, scale, self.qlorakit_compute_dtype, dropout_p, self.training)
 
 
 def install_fused_lora(model: torch.nn.Module, compute: torch.dtype) -> int:

@@ -1,0 +1,102 @@
+"""The gated MLP of Llama-family decoders, down(act(gate(x)) · up(x)), with LoRA on all three projections, as one
+autograd function.
+
+Layer by layer, autograd keeps four [tokens x intermediate] tensors per MLP for the backward (gate output, up
+output, act(gate), and their product, the down projection's input); this keeps two (gate and up outputs) and
+recomputes the rest, which is elementwise. The input gradient of gate and up is one matrix product over
+[dgate, dup, s·dgate·Bg, s·dup·Bu] · [Wg; Wu; Ag; Au] — accumulated in fp32 and rounded once, like the forward
+products (see lora.py). The activation's derivative is taken in fp32, whatever the activation (SiLU for
+SwiGLU, tanh-GELU for GeGLU). Recognised by structure — a module with gate_proj, up_proj, down_proj and act_fn whose
+projections are fused LoRA layers — not by class name.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts
+
+
+def _lora_product(x2, base, a, b, scale, compute):
+    """x·W0ᵀ + s·(x·Aᵀ)·Bᵀ with one rounding; returns (output, x·Aᵀ)."""
+    xa = x2 @ a.to(compute).t()
+    weight = dequantize_weight(base, compute)
+    if compute == torch.float32:
+        return torch.addmm(x2 @ weight.t(), xa, b.t(), alpha=scale), xa
+    return _one_rounding_matmul([x2, xa * scale], [weight, b.to(compute)], right_transposed=True), xa
+
+
+class _LoRAGatedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, act, compute):
+        lead = x.shape[:-1]
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(compute)
+            gate, xag = _lora_product(x2, bases[0], ag, bg, scales[0], compute)
+            up, xau = _lora_product(x2, bases[1], au, bu, scales[1], compute)
+            hidden = act(gate) * up
+            out, had = _lora_product(hidden, bases[2], ad, bd, scales[2], compute)
+        ctx.save_for_backward(x2, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd)
+        ctx.bases, ctx.scales, ctx.act, ctx.compute, ctx.lead = bases, scales, act, compute, lead
+        return out.reshape(*lead, out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        sg, su, sd = ctx.scales
+        c, act = ctx.compute, ctx.act
+        with torch.autocast(grad_out.device.type, enabled=False):
+            dy = grad_out.reshape(-1, grad_out.shape[-1]).to(c)
+            dy32 = dy.float()
+            # down projection
+            with torch.enable_grad():
+                gate32 = gate.float().requires_grad_()
+                act32 = act(gate32)
+            hidden = act32.detach().to(c) * up  # as in the forward
+            dy_bd = dy32 @ bd.float()
+            grad_ad = sd * (dy_bd.t() @ hidden.float())
+            grad_bd = sd * (dy32.t() @ had.float())
+            wd = dequantize_weight(ctx.bases[2], c)
+            dhidden = _one_rounding_matmul([dy, (dy_bd * sd).to(c)], [wd, ad.to(c)]).float()
+            del wd
+            # activation and product, in fp32
+            dup32 = dhidden * act32.detach()
+            (dgate32,) = torch.autograd.grad(act32, gate32, dhidden * up.float())
+            # gate and up projections: LoRA gradients in fp32, the input gradient as one product
+            dg_bg, du_bu = dgate32 @ bg.float(), dup32 @ bu.float()
+            x32 = x2.float()
+            grad_ag, grad_bg = sg * (dg_bg.t() @ x32), sg * (dgate32.t() @ xag.float())
+            grad_au, grad_bu = su * (du_bu.t() @ x32), su * (dup32.t() @ xau.float())
+            weights = [dequantize_weight(ctx.bases[0], c), dequantize_weight(ctx.bases[1], c)]
+            grad_x = _one_rounding_matmul(
+                [dgate32.to(c), dup32.to(c), (dg_bg * sg).to(c), (du_bu * su).to(c)],
+                [*weights, ag.to(c), au.to(c)],
+            )
+        grads = [g.to(p.dtype) for g, p in zip((grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd),
+                                                (ag, bg, au, bu, ad, bd))]
+        return (grad_x.reshape(*ctx.lead, -1), *grads, None, None, None, None)
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    parts = [fast_path_parts(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+    if any(p is None or p[4] > 0 or p[0].bias is not None for p in parts):
+        return type(self).forward(self, x)
+    (bg_, ag_w, bg_w, sg, _), (bu_, au_w, bu_w, su, _), (bd_, ad_w, bd_w, sd, _) = parts
+    return _LoRAGatedMLP.apply(x, ag_w, bg_w, au_w, bu_w, ad_w, bd_w, (bg_, bu_, bd_), (sg, su, sd), self.act_fn,
+                               self.gate_proj.qlorakit_compute_dtype)
+
+
+def install_fused_mlp(model: torch.nn.Module) -> int:
+    """Route every gated MLP whose three projections are fused LoRA layers through `_LoRAGatedMLP`."""
+    count = 0
+    for module in model.modules():
+        projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(getattr(p, "qlorakit_fused", False) for p in projections) or not hasattr(module, "act_fn"):
+            continue
+        if not getattr(module, "qlorakit_fused_mlp", False):
+            module.forward = types.MethodType(_fused_mlp_forward, module)
+            module.qlorakit_fused_mlp = True
+        count += 1
+    return count
