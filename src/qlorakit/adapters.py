@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .errors import ConfigError
-from .kernels import install_fused_lora, install_fused_mlp, install_packed_attention, install_rms_norm
+from .kernels import install_fast_path
 
 # PEFT reads a transformers attribute that transformers 5 deprecates; the warning is about their code, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -80,10 +80,7 @@ def add_lora(
             ) from e
         raise
     if fused:
-        install_fused_lora(peft_model, precision.compute)
-        install_fused_mlp(peft_model)
-        install_packed_attention(peft_model)
-        install_rms_norm(peft_model)
+        install_fast_path(peft_model, precision.compute)
     return precision.attach(peft_model)
 
 
@@ -125,8 +122,5 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: b
             f"{info['peft'].get('base_model_name_or_path')!r}"
         ) from None
     if fused:
-        install_fused_lora(peft_model, precision.compute)
-        install_fused_mlp(peft_model)
-        install_packed_attention(peft_model)
-        install_rms_norm(peft_model)
+        install_fast_path(peft_model, precision.compute)
     return precision.attach(peft_model)

@@ -7,5 +7,15 @@ from .lora import dequantize_weight, install_fused_lora, lora_linear
 from .mlp import install_fused_mlp
 from .rmsnorm import install_rms_norm, rms_norm
 
-__all__ = ["chunked_causal_lm_loss", "dequantize_weight", "install_fused_lora", "install_fused_mlp", "install_packed_attention",
+
+
+def install_fast_path(model, compute) -> None:
+    """Swap qlorakit's fast path into a PEFT LoRA model whose compute dtype is `compute`."""
+    install_fused_lora(model, compute)
+    install_fused_mlp(model)
+    install_packed_attention(model)
+    install_rms_norm(model)
+
+
+__all__ = ["install_fast_path", "chunked_causal_lm_loss", "dequantize_weight", "install_fused_lora", "install_fused_mlp", "install_packed_attention",
            "install_rms_norm", "lora_linear", "packed_attention_forward", "rms_norm"]
