@@ -60,6 +60,25 @@ def _one_rounding_matmul(left: list[torch.Tensor], right: list[torch.Tensor], ri
     return torch.cat(left, dim=-1) @ torch.cat(right, dim=0)
 
 
+def lora_product(x2, base, a, b, scale, compute, x_lora=None):
+    """x·W0ᵀ + s·(x'·Aᵀ)·Bᵀ (+ bias) for a 2-D input already in `compute`, rounded once, where x' is `x_lora` (the
+    adapter's input after dropout) or x; returns (output, x'·Aᵀ), which the fused functions save for the LoRA
+    gradients."""
+    xa = (x2 if x_lora is None else x_lora) @ a.to(compute).t()
+    weight = dequantize_weight(base, compute)
+    bias = base.bias
+    if compute == torch.float32:
+        out = torch.addmm(x2 @ weight.t(), xa, b.to(compute).t(), alpha=scale)
+        if bias is not None:
+            out += bias.to(compute)
+        return out, xa
+    left, right = [x2, xa * scale], [weight, b.to(compute)]
+    if bias is not None:
+        left.append(x2.new_ones(x2.shape[0], 1))
+        right.append(bias.to(compute).reshape(-1, 1))
+    return _one_rounding_matmul(left, right, right_transposed=True), xa
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, lora_a, lora_b, scale, base, compute):
@@ -70,21 +89,7 @@ class _LoRALinear(torch.autograd.Function):
             x2 = x.reshape(-1, in_features).to(compute)
             same = x_lora is x
             xd2 = x2 if same else x_lora.reshape(-1, in_features).to(compute)
-            a = lora_a.to(compute)
-            b = lora_b.to(compute)
-            weight = dequantize_weight(base, compute)
-            xa = xd2 @ a.t()  # [tokens, r]
-            bias = base.bias
-            if compute == torch.float32:
-                out = torch.addmm(x2 @ weight.t(), xa, b.t(), alpha=scale)
-                if bias is not None:
-                    out += bias.to(compute)
-            else:
-                left, right = [x2, xa * scale], [weight, b]
-                if bias is not None:
-                    left.append(x2.new_ones(x2.shape[0], 1))
-                    right.append(bias.to(compute).reshape(-1, 1))
-                out = _one_rounding_matmul(left, right, right_transposed=True)
+            out, xa = lora_product(x2, base, lora_a, lora_b, scale, compute, None if same else xd2)
         ctx.save_for_backward(x2, None if same else xd2, xa, lora_a, lora_b)
         ctx.same, ctx.scale, ctx.base, ctx.compute, ctx.lead = same, scale, base, compute, lead
         return out.reshape(*lead, out.shape[-1])
@@ -162,8 +167,21 @@ def fast_path_parts(layer) -> tuple | None:
     return layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name], dropout_p
 
 
+def _take_precomputed(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """The output a fused multi-layer function (qkv.py) computed for `layer` on exactly this input, handed over
+    once."""
+    ready = layer.__dict__.get("qlorakit_precomputed")
+    if ready is None or ready[0] is not x:
+        return None
+    layer.qlorakit_precomputed = None
+    return ready[1]
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Forward of a PEFT LoRA linear layer through `lora_linear`, or PEFT's own (see fast_path_parts)."""
+    ready = None if args or kwargs else _take_precomputed(self, x)
+    if ready is not None:
+        return ready
     parts = None if args or kwargs else fast_path_parts(self)
     if parts is None:
         return type(self).forward(self, x, *args, **kwargs)

@@ -16,16 +16,7 @@ import types
 
 import torch
 
-from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts
-
-
-def _lora_product(x2, base, a, b, scale, compute):
-    """x·W0ᵀ + s·(x·Aᵀ)·Bᵀ with one rounding; returns (output, x·Aᵀ)."""
-    xa = x2 @ a.to(compute).t()
-    weight = dequantize_weight(base, compute)
-    if compute == torch.float32:
-        return torch.addmm(x2 @ weight.t(), xa, b.t(), alpha=scale), xa
-    return _one_rounding_matmul([x2, xa * scale], [weight, b.to(compute)], right_transposed=True), xa
+from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts, lora_product
 
 
 class _LoRAGatedMLP(torch.autograd.Function):
@@ -34,10 +25,10 @@ class _LoRAGatedMLP(torch.autograd.Function):
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(compute)
-            gate, xag = _lora_product(x2, bases[0], ag, bg, scales[0], compute)
-            up, xau = _lora_product(x2, bases[1], au, bu, scales[1], compute)
+            gate, xag = lora_product(x2, bases[0], ag, bg, scales[0], compute)
+            up, xau = lora_product(x2, bases[1], au, bu, scales[1], compute)
             hidden = act(gate) * up
-            out, had = _lora_product(hidden, bases[2], ad, bd, scales[2], compute)
+            out, had = lora_product(hidden, bases[2], ad, bd, scales[2], compute)
         ctx.save_for_backward(x2, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd)
         ctx.bases, ctx.scales, ctx.act, ctx.compute, ctx.lead = bases, scales, act, compute, lead
         return out.reshape(*lead, out.shape[-1])
