@@ -110,6 +110,55 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, data_file, t
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_offloaded_checkpointing_moves_each_layer_input_and_keeps_the_gradients(tiny_model_dir, tiny_batch,
+                                                                                monkeypatch):
+    """With offload, what checkpointing keeps per layer (its input) goes through torch's save_on_cpu, and nothing
+    else does; loss and LoRA gradients are those of a run without checkpointing. (On a CUDA device the copies go
+    to pinned CPU memory; here the mechanism runs CPU to CPU.)"""
+    import transformers.modeling_utils as modeling_utils
+    from torch.autograd.graph import save_on_cpu
+
+    from qlorakit.train import enable_checkpointing
+
+    offloaded = []
+
+    class CountingSaveOnCpu(save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory=False, device_type=device_type)  # no pinned memory without an accelerator
+            pack = self.pack_hook
+            self.pack_hook = lambda t: offloaded.append(tuple(t.shape)) or pack(t)
+
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", CountingSaveOnCpu)
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
+        model = qlorakit.add_lora(model, rank=4, alpha=8)
+        for module in model.modules():
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+        if offload:
+            enable_checkpointing(model, offload=True)
+        model.train()
+        loss_sum, tokens = qlorakit.causal_lm_loss(model(input_ids=tiny_batch, use_cache=False).logits, tiny_batch)
+        (loss_sum / tokens).backward()
+        results.append((float(loss_sum.detach() / tokens),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    assert offloaded == [(*tiny_batch.shape, hidden)] * layers
+    (plain_loss, plain_grads), (offload_loss, offload_grads) = results
+    assert offload_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain_grads.keys() == offload_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(offload_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_offload_activations_is_refused_off_cuda(tiny_model_dir, data_file, tmp_path):
+    with pytest.raises(ConfigError, match="offload_activations=true .* this run is on cpu"):
+        _train(tiny_model_dir, data_file, tmp_path / "out", offload_activations=True)
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
 def test_checkpoints_are_pruned_to_keep_last(tiny_model_dir, data_file, tmp_path):
     _train(tiny_model_dir, data_file, tmp_path / "out", max_steps=7, save_every=2, keep_last=2)
     kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())

@@ -157,6 +157,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     g.add_argument("--gradient-checkpointing", action=bool_flag, help="recompute activations in the backward")
+    g.add_argument("--offload-activations", action=bool_flag,
+                   help="CUDA: with gradient checkpointing, keep each layer's saved input in CPU memory")
     g.add_argument("--seed", type=int, help="seed for adapters, data order and dropout (default 0)")
     g = p.add_argument_group("run")
     g.add_argument("--output", help="run directory: adapter, config, metrics, checkpoints (default qlorakit-run)")

@@ -51,6 +51,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # CUDA: keep the checkpointed layer inputs in pinned CPU memory
     seed: int = 0
     # bookkeeping
     output: str = "qlorakit-run"

@@ -112,6 +112,30 @@ class RunResult:
     metrics: list[dict] = field(default_factory=list, repr=False)
 
 
+def enable_checkpointing(model, offload: bool = False) -> None:
+    """Activation checkpointing on every decoder layer: each keeps only its input for the backward, where it runs
+    again. With `offload` (CUDA), those inputs — layers x tokens x hidden, what remains of activation memory at long
+    sequence lengths — go to pinned CPU memory and come back for the layer's backward (transformers' offload:
+    torch's save_on_cpu around each checkpoint); it costs a copy each way per layer."""
+    import inspect
+
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if offload and (enable is None or "offload" not in inspect.signature(enable).parameters):
+        import transformers
+
+        raise ConfigError(
+            f"offload_activations needs transformers' activation offloading (activation_checkpointing_enable("
+            f"offload=True), in 5.23), which transformers {transformers.__version__} lacks: upgrade it or leave "
+            f"offload_activations off"
+        )
+    if enable is None:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif offload:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+    else:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -221,6 +245,7 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     from .evaluate import eval_loss, pad_id_of
     from .load import load, quantization_summary
     from .metrics import MetricsLog, plot_loss_curve
+    from .precision import resolve_device
 
     if not isinstance(config, TrainConfig):
         config = TrainConfig.build(config, **overrides)
@@ -237,6 +262,13 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
         if not Path(cfg.data).expanduser().exists():  # before minutes of model loading
             raise DataError(f"{cfg.data}: data file not found; check the path given to --data")
         file_kind(Path(cfg.data).expanduser())
+    device = resolve_device(cfg.device) if loaded is None else next(loaded[0].parameters()).device
+    if cfg.offload_activations and device.type != "cuda":
+        raise ConfigError(
+            f"offload_activations=true moves activations from a CUDA device to CPU memory; this run is on "
+            f"{device.type}, where they are in CPU memory already: leave it off (gradient_checkpointing alone "
+            f"saves the memory)"
+        )
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -266,8 +298,8 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     # 3. Adapters (the base stays frozen and quantized).
     model = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                      rslora=cfg.rslora)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing or cfg.offload_activations:
+        enable_checkpointing(model, offload=cfg.offload_activations)
     precision = precision_of(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {cfg.model} ({quantization_summary(model)}); LoRA r={cfg.rank} alpha={cfg.alpha:g} on "

@@ -42,7 +42,8 @@ class _LoRASharedInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         n = len(ctx.bases)
-        x2, xas, lora = ctx.saved_tensors[0], ctx.saved_tensors[1:n + 1], ctx.saved_tensors[n + 1:]
+        saved = ctx.saved_tensors  # read once: checkpointing allows a single unpack
+        x2, xas, lora = saved[0], saved[1:n + 1], saved[n + 1:]
         c = ctx.compute
         lora_grads, left, right = [], [], []
         with torch.autocast(x2.device.type, enabled=False):
