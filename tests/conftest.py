@@ -111,3 +111,51 @@ def chat_tokenizer(template: str | None):
     )
     tokenizer.chat_template = template
     return tokenizer
+
+
+BPE_CORPUS = [
+    "the quick brown fox jumps over the lazy dog", "a model learns from examples of questions and answers",
+    "export the adapter as a gguf file for llama.cpp", "numbers like 12 345 and 6789 split into digits",
+    "hello world, this is a tiny tokenizer for tests", "merge the low rank update into the base weights",
+] * 4
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences (~330 tokens) with ChatML specials and template — the
+    kind of tokenizer (SmolLM, Qwen, Llama 3) a GGUF file can carry, unlike the word-level one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(BPE_CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token=None)
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def save_tiny_bpe_model(path, arch="llama", seed=0):
+    """A tiny random Llama or Qwen2 (with q/k/v biases) over bpe_tokenizer(), saved as a model directory."""
+    from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = bpe_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(tiny_llama_config(**ids))
+    else:
+        config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3,
+                             tie_word_embeddings=False, **ids)
+        model = Qwen2ForCausalLM(config)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    getattr(layer.self_attn, name).bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -5,6 +5,10 @@
     model, tokenizer = qlorakit.load("smollm2-135m-instruct", quant="nf4", dtype="auto")     # or piece by piece
     model = qlorakit.add_lora(model, rank=16, alpha=32)
     step = qlorakit.TrainStep(model, lr=2e-4)
+
+    qlorakit.merge("out", "merged", dtype="bf16")                      # outputs: a transformers model directory,
+    qlorakit.export_gguf("model.gguf", adapter="out", gguf_type="q8_0")  # a GGUF file,
+    qlorakit.save_quantized(model, tokenizer, "base-nf4")              # the quantized base itself
 """
 
 from .adapters import add_lora
@@ -12,6 +16,7 @@ from .config import TrainConfig
 from .data import load_data
 from .errors import ConfigError, DataError, PrecisionError, QLoraKitError, SourceError, TrainingError
 from .evaluate import eval_loss, exact_match, generate
+from .export import export_gguf, merge, quantize, save_quantized
 from .load import DEFAULT_MODEL, QUANT_KINDS, load
 from .loss import causal_lm_loss
 from .precision import Precision, precision_of
@@ -23,8 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "DataError", "Precision", "PrecisionCallback", "PrecisionError",
     "QLoraKitError", "RunResult", "SFTTrainer", "SourceError", "StepResult", "TrainConfig", "TrainStep",
-    "TrainingError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "generate", "guard", "load",
-    "load_data", "precision_of", "train",
+    "TrainingError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "export_gguf", "generate", "guard",
+    "load", "load_data", "merge", "precision_of", "quantize", "save_quantized", "train",
 ]
 
 

@@ -105,6 +105,24 @@ def read_adapter_info(path) -> dict:
     return info
 
 
+def adapter_base(info: dict, adapter_dir) -> str:
+    """The base model an adapter belongs on: the source qlorakit trained it from, else PEFT's
+    base_model_name_or_path when that is a local path or the default model's name."""
+    from pathlib import Path
+
+    from .load import DEFAULT_MODEL
+
+    if info["qlorakit"].get("base_model"):
+        return info["qlorakit"]["base_model"]
+    named = info["peft"].get("base_model_name_or_path")
+    if named and (named == DEFAULT_MODEL or Path(named).expanduser().exists()):
+        return named
+    raise ConfigError(
+        f"{adapter_dir}: the adapter names its base model as {named!r}, which is not a local path; pass the base "
+        "model with --model (a local directory or .gguf file: qlorakit never downloads)"
+    )
+
+
 def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: bool = True):
     """Put a saved LoRA adapter (PEFT format) on a model from qlorakit.load; returns the PEFT model under the
     model's precision policy."""

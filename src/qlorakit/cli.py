@@ -4,6 +4,9 @@
     qlorakit chat --adapter DIR [--prompt TEXT]                     talk to base model + adapter
     qlorakit eval --adapter DIR --data FILE                         loss, perplexity, exact match
     qlorakit precision [--dtype D]                                  what the precision policy resolves to here
+    qlorakit merge --adapter DIR --output DIR2 [--dtype bf16]       base + adapter -> transformers model directory
+    qlorakit export gguf --adapter DIR --output F.gguf [--type f16] a GGUF file for llama.cpp / Ollama
+    qlorakit quantize --model SRC --output DIR [--quant nf4]        the quantized base, reloadable as is
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ def _train(args) -> int:
 
 
 def _load_with_adapter(args):
-    from .adapters import load_adapter, read_adapter_info
+    from .adapters import adapter_base, load_adapter, read_adapter_info
     from .load import load
 
-    saved = read_adapter_info(args.adapter)["qlorakit"] if args.adapter else {}
-    source = args.model or saved.get("base_model") or DEFAULT_MODEL
+    info = read_adapter_info(args.adapter) if args.adapter else None
+    saved = info["qlorakit"] if info else {}
+    source = args.model or (adapter_base(info, args.adapter) if info else DEFAULT_MODEL)
     model, tokenizer = load(source, quant=args.quant or saved.get("quant", "nf4"),
                             double_quant=saved.get("double_quant", True), dtype=args.dtype or "auto",
                             device=args.device)
@@ -114,6 +118,30 @@ def _precision(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from .export import merge
+
+    merge(args.adapter, args.output, dtype=args.dtype, model=args.model, max_shard_size=args.max_shard_size,
+          overwrite=args.overwrite)
+    print(f"merged model written to {args.output} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from .export import export_gguf
+
+    export_gguf(args.output, adapter=args.adapter, model=args.model, gguf_type=args.type, overwrite=args.overwrite)
+    return 0
+
+
+def _quantize(args) -> int:
+    from .export import quantize
+
+    quantize(args.model, args.output, quant=args.quant, double_quant=args.double_quant, device=args.device,
+             overwrite=args.overwrite)
+    return 0
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     # Every default is None: a flag that is not given leaves the YAML's value (or TrainConfig's default) alone.
     bool_flag = argparse.BooleanOptionalAction
@@ -144,6 +172,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
     g.add_argument("--targets", help="'all-linear' (default) or comma-separated module names, e.g. q_proj,v_proj")
     g.add_argument("--rslora", action=bool_flag, help="rank-stabilised scaling alpha/sqrt(r)")
+    g.add_argument("--adapter", help="continue training this LoRA adapter (a qlorakit run's --output or any PEFT "
+                                     "LoRA adapter); its rank, alpha and targets are used")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="examples per micro-batch (default 8)")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
@@ -217,6 +247,48 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--skip-bad-rows", action="store_true")
     ev.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     ev.set_defaults(func=_eval)
+
+    merge = sub.add_parser(
+        "merge", help="merge an adapter into its base: a standard transformers model directory",
+        description="Add the adapter's LoRA delta (in fp32) to the base model's unquantized weights (dequantized "
+        "only when the source itself is a quantized checkpoint), layer by layer, and save safetensors shards, "
+        "config.json and the tokenizer with its chat template. AutoModelForCausalLM loads the result without "
+        "qlorakit.")
+    merge.add_argument("--adapter", required=True, help="adapter directory (a qlorakit run's --output or any PEFT "
+                                                        "LoRA adapter)")
+    merge.add_argument("--output", required=True, help="directory to write the merged model to")
+    merge.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="saved dtype (default bf16)")
+    merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    merge.set_defaults(func=_merge)
+
+    export = sub.add_parser("export", help="write a model in another format (gguf)")
+    formats = export.add_subparsers(dest="format", required=True)
+    gguf = formats.add_parser(
+        "gguf", help="a GGUF file for llama.cpp and Ollama (Llama, Mistral, Qwen2/3, SmolLM)",
+        description="Write a GGUF file with the gguf Python package (no llama.cpp build): the adapter merged into "
+        "its base (--adapter) or a model directory such as the output of `qlorakit merge` (--model), with the "
+        "tokenizer and chat template.")
+    gguf.add_argument("--adapter", help="adapter directory, merged into its base on the way")
+    gguf.add_argument("--model", help="a model directory to convert; with --adapter, the base to merge into")
+    gguf.add_argument("--output", required=True, help="the .gguf file to write")
+    gguf.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"], help="tensor type (default f16)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    gguf.set_defaults(func=_export_gguf)
+
+    quantize = sub.add_parser(
+        "quantize", help="save the quantized base model (bitsandbytes), reloadable without re-quantizing",
+        description="Quantize a model the way training does and save it in bitsandbytes' format with its "
+        "tokenizer; `--model DIR` in train, chat, eval and merge then loads it in any compute dtype.")
+    quantize.add_argument("--model", default=DEFAULT_MODEL, help=f"source model (default {DEFAULT_MODEL})")
+    quantize.add_argument("--output", required=True, help="directory to write the quantized model to")
+    quantize.add_argument("--quant", default="nf4", choices=[q for q in QUANT_KINDS if q != "none"])
+    quantize.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                          help="4-bit double quantization (default on)")
+    quantize.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    quantize.set_defaults(func=_quantize)
 
     precision = sub.add_parser("precision", help="show the precision policy --dtype resolves to on this machine")
     precision.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)

@@ -39,6 +39,7 @@ class TrainConfig:
     dropout: float = 0.0
     targets: str | list = "all-linear"
     rslora: bool = False
+    adapter: str | None = None  # continue training this LoRA adapter (PEFT format) instead of fresh ones
     # optimisation
     batch_size: int = 8
     grad_accum: int = 1

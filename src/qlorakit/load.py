@@ -57,6 +57,29 @@ def default_model_gguf() -> Path:
     return path
 
 
+GGUF_ORIGIN = "qlorakit_gguf_origin.json"
+
+
+def _write_gguf_origin(gguf_path: Path, directory: Path) -> None:
+    """Record what the conversion cannot keep: the source file and llama.cpp's pre-tokenizer name (transformers
+    rebuilds a generic byte-level pre-tokenizer), which a GGUF export of this model must carry again."""
+    import gguf
+
+    from .checkpoint import atomic_write_json
+
+    field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    atomic_write_json(directory / GGUF_ORIGIN, {"file": str(gguf_path),
+                                                 "tokenizer.ggml.pre": field.contents() if field else None})
+
+
+def gguf_origin(directory: Path) -> dict:
+    """What _write_gguf_origin recorded for a directory converted from a GGUF file ({} for other sources)."""
+    import json
+
+    path = Path(directory) / GGUF_ORIGIN
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
     """Convert a GGUF file once into a cached safetensors model directory and return that directory.
 
@@ -68,6 +91,8 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
     key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
+        if not (target / GGUF_ORIGIN).is_file():  # a cache written before the origin was recorded
+            _write_gguf_origin(gguf_path, target)
         return target
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,6 +117,7 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        _write_gguf_origin(gguf_path, staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished the same conversion first

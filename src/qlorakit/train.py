@@ -240,7 +240,7 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     skips loading. `demo_data` = (train rows,
     validation rows) stands in for `config.data` (the built-in task uses it).
     """
-    from .adapters import add_lora
+    from .adapters import add_lora, load_adapter
     from .checkpoint import atomic_write_json, list_checkpoints, load_checkpoint, save_checkpoint
     from .evaluate import eval_loss, pad_id_of
     from .load import load, quantization_summary
@@ -262,6 +262,10 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
         if not Path(cfg.data).expanduser().exists():  # before minutes of model loading
             raise DataError(f"{cfg.data}: data file not found; check the path given to --data")
         file_kind(Path(cfg.data).expanduser())
+    if cfg.adapter is not None:
+        from .adapters import read_adapter_info
+
+        read_adapter_info(cfg.adapter)  # a missing or broken adapter fails now, not after loading the model
     device = resolve_device(cfg.device) if loaded is None else next(loaded[0].parameters()).device
     if cfg.offload_activations and device.type != "cuda":
         raise ConfigError(
@@ -295,9 +299,15 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     for skipped in data.report.skipped_rows[:5]:
         log(f"  skipped: {skipped}")
 
-    # 3. Adapters (the base stays frozen and quantized).
-    model = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
-                     rslora=cfg.rslora)
+    # 3. Adapters (the base stays frozen and quantized): fresh ones, or an existing adapter trained further.
+    if cfg.adapter is not None:
+        model = load_adapter(model, cfg.adapter, trainable=True)
+        lora = model.peft_config["default"]
+        log(f"adapter: continuing {cfg.adapter} (r={lora.r}, alpha={lora.lora_alpha:g}"
+            f"{', rsLoRA' if lora.use_rslora else ''}; its settings replace rank, alpha and targets)")
+    else:
+        model = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                         rslora=cfg.rslora)
     if cfg.gradient_checkpointing or cfg.offload_activations:
         enable_checkpointing(model, offload=cfg.offload_activations)
     precision = precision_of(model)

@@ -1,0 +1,57 @@
+"""The quantized base model itself, in bitsandbytes' serialization: reloading it skips quantization (seconds instead
+of minutes for a large model, and no 16-bit copy has to fit in memory), and qlorakit.load brings it to any compute
+dtype the precision policy allows — whatever dtype it was quantized under."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import ConfigError
+from .merge import prepare_output, replace_atomically
+
+
+def save_quantized(model, tokenizer, output: str | Path, overwrite: bool = False) -> Path:
+    """Save a model from qlorakit.load (quantized, no adapters) and its tokenizer to the directory `output`."""
+    from ..data.tokenize import chat_template
+    from ..precision import _linear4bit_modules
+
+    if hasattr(model, "peft_config"):
+        raise ConfigError("save_quantized saves the base model from qlorakit.load; this one carries LoRA adapters, "
+                          "which the training run saves on their own (PEFT format)")
+    if not getattr(model, "is_quantized", False):
+        raise ConfigError("this model is not quantized (quant='none'); save it with save_pretrained, or load it "
+                          "with quant='nf4', 'fp4' or 'int8' first")
+    for name, module in _linear4bit_modules(model):
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise ConfigError(
+                f"{name}: bitsandbytes repacked this 4-bit layer for its bf16 CPU inference kernel (block scales "
+                "rounded to bf16); saving it would keep that loss. Load the model through qlorakit.load, which "
+                "keeps 4-bit layers out of it, and save that one."
+            )
+    output = prepare_output(output, overwrite, "--output")
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.chat_template = chat_template(tokenizer)
+        tokenizer.save_pretrained(staging)
+        replace_atomically(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def quantize(source: str, output: str | Path, quant: str = "nf4", double_quant: bool = True, device: str = "auto",
+             overwrite: bool = False, log=print) -> Path:
+    """Quantize `source` (from its fp32 weights, for the most faithful scales) and save it with save_quantized."""
+    from ..load import load, quantization_summary
+
+    if quant == "none":
+        raise ConfigError("quant='none' leaves nothing to save quantized; use nf4, fp4 or int8")
+    prepare_output(output, overwrite, "--output")  # before the minutes of loading
+    model, tokenizer = load(source, quant=quant, double_quant=double_quant, dtype="fp32", device=device)
+    path = save_quantized(model, tokenizer, output, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+    log(f"wrote {path} ({quantization_summary(model)}; {size / 1e6:.1f} MB of weights)")
+    return path
