@@ -90,7 +90,29 @@ CASES = [
      r"run: no checkpoint to resume from .*; point --output at the interrupted run, or start without --resume"),
     ("adapter directory that is not one", lambda t: qlorakit.adapters.read_adapter_info(t),
      r"not an adapter directory \(no adapter_config\.json\)"),
+    ("adapter without its weights file", lambda t: qlorakit.merge(_write(t / "adapter_config.json", "{}").parent,
+                                                                  t / "merged"),
+     r"adapter_model\.safetensors is missing"),
+    ("adapter merged into another base model", lambda t: _merge_into_other_base(t),
+     r"the adapter's model\.layers\.0\..*\.weight is 64x\d+ .* but .*narrow has 32x\d+: not this adapter's base "
+     r"model; the adapter was trained on '.*wide'"),
+    ("GGUF output not named .gguf", lambda t: qlorakit.export_gguf(t / "model.bin", model=str(t)),
+     r"model\.bin: name the output file \*\.gguf"),
+    ("activation offloading without CUDA", lambda t: qlorakit.train(output=str(t / "run"), device="cpu",
+                                                                    data=str(_jsonl(t, GOOD)), offload_activations=True),
+     r"offload_activations=true moves activations from a CUDA device to CPU memory; this run is on cpu"),
 ]
+
+
+def _merge_into_other_base(tmp_path):
+    """Merge a LoRA adapter made on a 64-wide tiny model into a 32-wide one."""
+    from conftest import save_tiny_model
+
+    wide = save_tiny_model(tmp_path / "wide")
+    narrow = save_tiny_model(tmp_path / "narrow", hidden_size=32, intermediate_size=64)
+    model = qlorakit.add_lora(qlorakit.load(wide, quant="none", dtype="fp32", device="cpu")[0], rank=2, alpha=4)
+    model.save_pretrained(tmp_path / "adapter")
+    return qlorakit.merge(tmp_path / "adapter", tmp_path / "merged", model=str(narrow))
 
 
 def _write(path, text):

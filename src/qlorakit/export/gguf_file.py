@@ -90,6 +90,19 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
     return "default"
 
 
+def _prepends_space(tokenizer_json: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text (a Prepend normalizer or a Metaspace
+    pre-tokenizer that prepends)."""
+    def steps(part):
+        part = part or {}
+        return part.get("normalizers", part.get("pretokenizers", [part]))
+
+    normalizers = steps(tokenizer_json.get("normalizer"))
+    pre = steps(tokenizer_json.get("pre_tokenizer"))
+    return any(n.get("type") == "Prepend" for n in normalizers) or any(
+        p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in pre)
+
+
 def _add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int, pre: str | None = None) -> None:
     """Vocabulary, merges, special tokens and chat template, read with the gguf package's own vocab classes.
     `pre` is llama.cpp's pre-tokenizer name when the source recorded it (a model converted from GGUF)."""
@@ -120,6 +133,7 @@ def _add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int, pre: str | None
         types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model(kind)
     writer.add_tokenizer_pre(pre)
+    writer.add_add_space_prefix(kind == "llama" and _prepends_space(tokenizer_json))
     writer.add_token_list(tokens[:vocab_size])
     writer.add_token_types(types[:vocab_size])
     if kind == "llama":
