@@ -181,6 +181,29 @@ def test_merge_writes_shards_with_an_index(bases, adapters, tmp_path):
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
+def test_merge_holds_one_tensor_at_a_time(adapters, tmp_path, monkeypatch):
+    """Layer by layer: when the merge reads a tensor, at most the one before it is still alive, so memory never
+    holds a second copy of the model."""
+    import gc
+    import weakref
+
+    from qlorakit.export.source import ModelTensors
+
+    alive, most = [], []
+    read = ModelTensors.get
+
+    def tracked(self, name):
+        gc.collect()
+        most.append(sum(ref() is not None for ref in alive))
+        tensor = read(self, name)
+        alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(ModelTensors, "get", tracked)
+    qlorakit.merge(adapters["llama"], tmp_path / "merged", dtype="fp32", log=lambda _: None)
+    assert len(most) == 21 and max(most) <= 1
+
+
 def test_merge_from_a_quantized_checkpoint_dequantizes_it(bases, adapters, tmp_path):
     """A base saved quantized (its only copy, say) is dequantized for the merge; the merged model computes what the
     quantized base plus adapter computes."""

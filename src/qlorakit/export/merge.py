@@ -10,8 +10,10 @@ the model was trained with.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -101,38 +103,53 @@ def _write_config(source_dir: Path, output: Path, dtype: torch.dtype) -> None:
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _write_shards(tensors, output: Path, dtype: torch.dtype, max_shard_bytes: int, log) -> int:
-    """Write (name, tensor) pairs as safetensors shards of at most max_shard_bytes (a larger single tensor gets
-    a shard of its own); returns the number of bytes written."""
-    from safetensors.torch import save_file
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
-    shards, current, size, total = [], {}, 0, 0
 
-    def flush():
-        nonlocal current, size
-        if current:
-            path = output / f".shard-{len(shards):05d}.safetensors"
-            save_file(current, str(path), metadata={"format": "pt"})
-            shards.append((path, list(current)))
-            current, size = {}, 0
+def _write_shard(path: Path, entries: list[tuple[str, tuple, torch.dtype]], tensors) -> None:
+    """A safetensors file written tensor by tensor: the header comes from the shapes and dtypes planned ahead,
+    then each tensor's bytes are appended as `tensors` yields it, so only one tensor is ever in memory."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for (name, shape, dtype), (got, tensor) in zip(entries, tensors):
+            assert got == name and tuple(tensor.shape) == tuple(shape), (name, got)
+            data = tensor.to(dtype).contiguous().reshape(-1)
+            f.write(data.view(torch.uint8).numpy().tobytes())
 
-    for name, tensor in tensors:
-        out = tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
-        nbytes = out.numel() * out.element_size()
+
+def _write_shards(source: ModelTensors, tensors, output: Path, dtype: torch.dtype, max_shard_bytes: int, log) -> int:
+    """Write the (name, tensor) pairs of `tensors` (in `source.names` order) as safetensors shards of at most
+    max_shard_bytes (a larger single tensor gets a shard of its own); floating tensors are cast to `dtype`.
+    Returns the number of bytes written."""
+    shards, current, size, total = [], [], 0, 0
+    for name in source.names:
+        shape, stored = source.shape(name), source.dtype(name)
+        out_dtype = dtype if stored.is_floating_point else stored
+        nbytes = math.prod(shape) * torch.empty((), dtype=out_dtype).element_size()
         if current and size + nbytes > max_shard_bytes:
-            flush()
-        current[name] = out
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, tuple(shape), out_dtype))
         size += nbytes
         total += nbytes
-    flush()
-    if len(shards) == 1:
-        os.replace(shards[0][0], output / "model.safetensors")
-    else:
-        weight_map = {}
-        for i, (path, names) in enumerate(shards, start=1):
-            final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            os.replace(path, output / final)
-            weight_map.update({n: final for n in names})
+    if current:
+        shards.append(current)
+    stream = iter(tensors)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for file_name, entries in zip(names, shards):
+        _write_shard(output / file_name, entries, (next(stream) for _ in entries))
+    if len(shards) > 1:
+        weight_map = {name: file_name for file_name, entries in zip(names, shards) for name, _, _ in entries}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     log(f"wrote {total / 1e6:.1f} MB in {len(shards)} shard{'s' if len(shards) > 1 else ''}")
@@ -154,7 +171,7 @@ def merge(adapter: str | Path, output: str | Path, dtype: str = "bf16", model: s
     log(f"merging {len(lora)} LoRA layers from {adapter} into {source_dir} ({dtype})")
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        _write_shards(tensors, staging, torch_dtype, max_bytes, log)
+        _write_shards(source, tensors, staging, torch_dtype, max_bytes, log)
         _write_config(source_dir, staging, torch_dtype)
         save_tokenizer(source_dir, staging)
         replace_atomically(staging, output)

@@ -18,6 +18,9 @@ import torch
 from ..errors import ConfigError, SourceError
 
 _QUANT_STATE_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_SAFETENSORS_TO_TORCH = {"F32": torch.float32, "F16": torch.float32, "BF16": torch.float32, "F64": torch.float32,
+                         "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                         "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class ModelTensors:
@@ -58,6 +61,13 @@ class ModelTensors:
             state = next(k for k in self._file_of if k.startswith(f"{name}.quant_state."))
             return tuple(json.loads(bytes(self._raw(state).tolist()).decode())["shape"])
         return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype `get` returns: fp32 for floating and quantized weights, the stored one otherwise."""
+        if name in self._quant:
+            return torch.float32
+        stored = self._handles[self._file_of[name]].get_slice(name).get_dtype()
+        return _SAFETENSORS_TO_TORCH.get(stored, torch.float32)
 
     def quantized(self, name: str) -> str | None:
         return self._quant.get(name)
