@@ -159,3 +159,15 @@ def save_tiny_bpe_model(path, arch="llama", seed=0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def randomize_lora_b(model, std=0.02, seed=1):
+    """Give every LoRA B a trained-looking value instead of PEFT's zeros, so every LoRA gradient is non-zero and
+    the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            weight = module.lora_B["default"].weight
+            with torch.no_grad():
+                weight.copy_(torch.randn(weight.shape, generator=g) * std)
+    return model

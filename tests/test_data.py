@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import CHATML, LLAMA3, chat_tokenizer, tiny_tokenizer
+from conftest import CHATML, LLAMA3, chat_tokenizer, randomize_lora_b, tiny_tokenizer
 from qlorakit.data import IGNORE_INDEX, collate, load_data, read_examples, render_chat
 from qlorakit.data.tokenize import DEFAULT_CHAT_TEMPLATE
 
@@ -185,9 +185,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_model_dir):
         torch.manual_seed(0)
         model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
         model = qlorakit.add_lora(model, rank=8, alpha=16)
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_B") and "default" in module.lora_B:
-                torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+        randomize_lora_b(model, std=0.05)
         batch = collate(items, pad_id=0, packed=packed)
         loss_sum, n = qlorakit.causal_lm_loss(model(**batch.model_inputs()).logits, batch.labels)
         (loss_sum / n).backward()

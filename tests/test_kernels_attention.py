@@ -8,7 +8,7 @@ import torch
 import qlorakit
 from qlorakit.data import collate, load_data
 from qlorakit.kernels.attention import NAME
-from conftest import tiny_tokenizer
+from conftest import randomize_lora_b, tiny_tokenizer
 
 
 def _models(model_dir):
@@ -20,9 +20,7 @@ def _models(model_dir):
         model = qlorakit.add_lora(model, rank=4, alpha=8)
         if attention == "sdpa":
             model.get_base_model().set_attn_implementation("sdpa")
-        for module in model.modules():
-            if hasattr(module, "lora_B") and "default" in module.lora_B:
-                torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+        randomize_lora_b(model, std=0.05)
         assert model.get_base_model().config._attn_implementation == attention
         out.append(model)
     return out

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import qlorakit
+from conftest import randomize_lora_b
 from qlorakit.data import IGNORE_INDEX
 from qlorakit.kernels.cross_entropy import chunked_causal_lm_loss, output_head
 
@@ -49,10 +50,7 @@ def test_model_loss_and_lora_gradients_match_the_logits_path(tiny_model_dir, tin
     for chunked in (True, False):
         torch.manual_seed(0)
         model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
-        model = qlorakit.add_lora(model, rank=4, alpha=8)
-        for module in model.modules():
-            if hasattr(module, "lora_B") and "default" in module.lora_B:
-                torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+        model = randomize_lora_b(qlorakit.add_lora(model, rank=4, alpha=8), std=0.05)
         inputs = {"input_ids": tiny_batch, "use_cache": False}
         assert output_head(model) is not None
         if chunked:

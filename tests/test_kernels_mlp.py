@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qlorakit
-from conftest import DTYPES
+from conftest import DTYPES, randomize_lora_b
 from qlorakit.kernels import dequantize_weight
 from qlorakit.kernels.mlp import install_fused_mlp
 
@@ -17,13 +17,7 @@ TOL_VS_FP64 = {"fp32": 1e-6, "fp16": 3e-3, "bf16": 2.5e-2}
 def _mlp_model(model_dir, quant, dtype):
     torch.manual_seed(0)
     model, _ = qlorakit.load(model_dir, quant=quant, dtype=dtype, device="cpu")
-    model = qlorakit.add_lora(model, rank=8, alpha=16)
-    g = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if hasattr(module, "lora_B") and "default" in module.lora_B:
-            w = module.lora_B["default"].weight
-            with torch.no_grad():
-                w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+    model = randomize_lora_b(qlorakit.add_lora(model, rank=8, alpha=16))
     return model, model.base_model.model.model.layers[0].mlp
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qlorakit
-from conftest import DTYPES, tiny_tokenizer
+from conftest import DTYPES, randomize_lora_b, tiny_tokenizer
 from qlorakit.kernels import dequantize_weight
 from qlorakit.kernels.qkv import NAMES, _LoRASharedInput
 
@@ -19,13 +19,7 @@ TOL_VS_FP64 = {"fp32": 1e-6, "fp16": 1.2e-3, "bf16": 1e-2}
 def _attention(model_dir, quant, dtype, fused=True):
     torch.manual_seed(0)
     model, _ = qlorakit.load(model_dir, quant=quant, dtype=dtype, device="cpu")
-    model = qlorakit.add_lora(model, rank=8, alpha=16, fused=fused)
-    g = torch.Generator().manual_seed(1)
-    for module in model.modules():  # a trained-looking adapter, so every gradient is non-zero
-        if hasattr(module, "lora_B") and "default" in module.lora_B:
-            w = module.lora_B["default"].weight
-            with torch.no_grad():
-                w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+    model = randomize_lora_b(qlorakit.add_lora(model, rank=8, alpha=16, fused=fused))
     return model, model.base_model.model.model.layers[0].self_attn
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+import qlorakit
 from qlorakit.kernels.rmsnorm import install_rms_norm
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # bf16: the input gradient is rounded to bf16 on both sides
@@ -47,3 +48,40 @@ def test_matches_llama_rmsnorm(dtype):
     assert float((grad.float() - ref_grad.float()).norm() / ref_grad.float().norm()) < TOL[dtype]
     # bf16: the input in bf16 instead of its fp32 copy (12.6 KB vs 24.9 KB here); fp32: the same tensors
     assert saved < 0.6 * ref_saved if dtype == torch.bfloat16 else saved <= ref_saved
+
+
+def test_fused_functions_save_the_norm_input_and_recompute_its_output_exactly(tiny_model_dir, tiny_batch,
+                                                                                 monkeypatch):
+    """q/k/v and the gated MLP keep the norm's input instead of its output (two fewer activations a layer); the
+    recomputed output is the same bits, so loss and every LoRA gradient are identical to saving the output."""
+    import qlorakit.kernels.mlp as mlp
+    import qlorakit.kernels.qkv as qkv
+    from conftest import randomize_lora_b
+
+    def run(compact):
+        if not compact:
+            for module in (mlp, qkv):
+                monkeypatch.setattr(module, "compact_input", lambda x, x2: (x2, None))
+        torch.manual_seed(0)
+        model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="bf16", device="cpu")
+        model = randomize_lora_b(qlorakit.add_lora(model, rank=4, alpha=8))
+        saved = []
+
+        def pack(t):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            loss_sum, tokens = qlorakit.causal_lm_loss(model(input_ids=tiny_batch).logits, tiny_batch)
+        (loss_sum / tokens).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        # the fused functions' inputs, as they save them: [tokens x hidden]
+        return float(loss_sum), grads, saved.count((tiny_batch.numel(), 64))
+
+    compact_loss, compact_grads, compact_inputs = run(True)
+    plain_loss, plain_grads, plain_inputs = run(False)
+    assert compact_loss == plain_loss
+    for name in plain_grads:
+        assert torch.equal(compact_grads[name], plain_grads[name]), name
+    # two layers: q/k/v's and the MLP's inputs go, o_proj's (the attention output) stays
+    assert (plain_inputs, compact_inputs) == (3 * 2, 1 * 2)

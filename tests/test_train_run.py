@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import qlorakit
+from conftest import randomize_lora_b
 from qlorakit.errors import ConfigError, TrainingError
 from qlorakit.train import make_scheduler
 
@@ -133,10 +134,7 @@ def test_offloaded_checkpointing_moves_each_layer_input_and_keeps_the_gradients(
     for offload in (False, True):
         torch.manual_seed(0)
         model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
-        model = qlorakit.add_lora(model, rank=4, alpha=8)
-        for module in model.modules():
-            if hasattr(module, "lora_B") and "default" in module.lora_B:
-                torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+        model = randomize_lora_b(qlorakit.add_lora(model, rank=4, alpha=8), std=0.05)
         if offload:
             enable_checkpointing(model, offload=True)
         model.train()

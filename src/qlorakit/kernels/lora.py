@@ -206,3 +206,21 @@ def install_fused_lora(model: torch.nn.Module, compute: torch.dtype) -> int:
             module.qlorakit_fused = True
         count += 1
     return count
+
+
+def install_block_forward(model: torch.nn.Module, projections: tuple[str, ...], forward, marker: str,
+                          required=()) -> int:
+    """Give every module whose `projections` are all fused LoRA layers (and which has the `required` attributes)
+    the fused `forward`, marking it with `marker`; returns how many modules qualify. Recognition is by structure,
+    not class name, so every Llama-family architecture takes it."""
+    count = 0
+    for module in model.modules():
+        if not all(getattr(getattr(module, n, None), "qlorakit_fused", False) for n in projections):
+            continue
+        if not all(hasattr(module, attribute) for attribute in required):
+            continue
+        if not getattr(module, marker, False):
+            module.forward = types.MethodType(forward, module)
+            setattr(module, marker, True)
+        count += 1
+    return count

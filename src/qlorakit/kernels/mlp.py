@@ -3,7 +3,7 @@ autograd function.
 
 Layer by layer, autograd keeps four [tokens x intermediate] tensors per MLP for the backward (gate output, up
 output, act(gate), and their product, the down projection's input); this keeps two (gate and up outputs) and
-recomputes the rest, which is elementwise. The input gradient of gate and up is one matrix product over
+recomputes the rest (and keeps its input as the norm's input when it is an rms_norm output, see rmsnorm.py), which is elementwise. The input gradient of gate and up is one matrix product over
 [dgate, dup, s·dgate·Bg, s·dup·Bu] · [Wg; Wu; Ag; Au] — accumulated in fp32 and rounded once, like the forward
 products (see lora.py). The activation's derivative is taken in fp32, whatever the activation (SiLU for
 SwiGLU, tanh-GELU for GeGLU). Recognised by structure — a module with gate_proj, up_proj, down_proj and act_fn whose
@@ -12,11 +12,10 @@ projections are fused LoRA layers — not by class name.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts, lora_product
+from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts, install_block_forward, lora_product
+from .rmsnorm import compact_input, restore_input
 
 
 class _LoRAGatedMLP(torch.autograd.Function):
@@ -29,13 +28,16 @@ class _LoRAGatedMLP(torch.autograd.Function):
             up, xau = lora_product(x2, bases[1], au, bu, scales[1], compute)
             hidden = act(gate) * up
             out, had = lora_product(hidden, bases[2], ad, bd, scales[2], compute)
-        ctx.save_for_backward(x2, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd)
-        ctx.bases, ctx.scales, ctx.act, ctx.compute, ctx.lead = bases, scales, act, compute, lead
+        saved_x, ctx.norm = compact_input(x, x2)
+        ctx.save_for_backward(saved_x, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd)
+        ctx.bases, ctx.scales, ctx.act, ctx.compute = bases, scales, act, compute
+        ctx.lead, ctx.x_shape = lead, x2.shape
         return out.reshape(*lead, out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        saved_x, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        x2 = restore_input(saved_x, ctx.norm, ctx.x_shape)
         sg, su, sd = ctx.scales
         c, act = ctx.compute, ctx.act
         with torch.autocast(grad_out.device.type, enabled=False):
@@ -81,13 +83,5 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def install_fused_mlp(model: torch.nn.Module) -> int:
     """Route every gated MLP whose three projections are fused LoRA layers through `_LoRAGatedMLP`."""
-    count = 0
-    for module in model.modules():
-        projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if not all(getattr(p, "qlorakit_fused", False) for p in projections) or not hasattr(module, "act_fn"):
-            continue
-        if not getattr(module, "qlorakit_fused_mlp", False):
-            module.forward = types.MethodType(_fused_mlp_forward, module)
-            module.qlorakit_fused_mlp = True
-        count += 1
-    return count
+    return install_block_forward(model, ("gate_proj", "up_proj", "down_proj"), _fused_mlp_forward,
+                                 "qlorakit_fused_mlp", required=("act_fn",))

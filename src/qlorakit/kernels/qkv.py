@@ -1,9 +1,8 @@
 """The query, key and value projections of an attention block, with LoRA on each, as one autograd function over
 their shared input.
 
-Per layer, autograd would keep the input three times over (once per projection's graph node, the same storage)
-and produce three input gradients, each rounded to bf16/fp16, then add them — two more roundings. Here the input is
-saved once and its gradient is one matrix product over [dq, dk, dv, s·dq·Bq, s·dk·Bk, s·dv·Bv] · [Wq; Wk; Wv; Aq;
+Per layer, autograd would produce three input gradients, each rounded to bf16/fp16, then add them — two more roundings. Here the input is
+saved once (as the norm's input when it is an rms_norm output, see rmsnorm.py) and its gradient is one matrix product over [dq, dk, dv, s·dq·Bq, s·dk·Bk, s·dv·Bv] · [Wq; Wk; Wv; Aq;
 Ak; Av], accumulated in fp32 and rounded once (see lora.py for why the rounding matters). Frozen biases (Qwen2) are
 kept. The output projection takes the single-layer function in lora.py; it has its own input.
 
@@ -15,11 +14,10 @@ Recognised by structure — q_proj, k_proj, v_proj that are fused LoRA layers �
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts, lora_product
+from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts, install_block_forward, lora_product
+from .rmsnorm import compact_input, restore_input
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 
@@ -35,15 +33,16 @@ class _LoRASharedInput(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(compute)
             outs, xas = zip(*(lora_product(x2, base, a, b, s, compute)
                               for base, a, b, s in zip(bases, a_s, b_s, scales)))
-        ctx.save_for_backward(x2, *xas, *lora)
-        ctx.bases, ctx.scales, ctx.compute, ctx.lead = bases, scales, compute, lead
+        saved_x, ctx.norm = compact_input(x, x2)
+        ctx.save_for_backward(saved_x, *xas, *lora)
+        ctx.bases, ctx.scales, ctx.compute, ctx.lead, ctx.x_shape = bases, scales, compute, lead, x2.shape
         return tuple(out.reshape(*lead, out.shape[-1]) for out in outs)
 
     @staticmethod
     def backward(ctx, *grads):
         n = len(ctx.bases)
         saved = ctx.saved_tensors  # read once: checkpointing allows a single unpack
-        x2, xas, lora = saved[0], saved[1:n + 1], saved[n + 1:]
+        x2, xas, lora = restore_input(saved[0], ctx.norm, ctx.x_shape), saved[1:n + 1], saved[n + 1:]
         c = ctx.compute
         lora_grads, left, right = [], [], []
         with torch.autocast(x2.device.type, enabled=False):
@@ -86,12 +85,4 @@ def _fused_attention_forward(self, *args, **kwargs):
 def install_fused_qkv(model: torch.nn.Module) -> int:
     """Route every attention module whose q, k and v projections are fused LoRA layers through
     `_LoRASharedInput`; returns how many."""
-    count = 0
-    for module in model.modules():
-        if not all(getattr(getattr(module, n, None), "qlorakit_fused", False) for n in NAMES):
-            continue
-        if not getattr(module, "qlorakit_fused_qkv", False):
-            module.forward = types.MethodType(_fused_attention_forward, module)
-            module.qlorakit_fused_qkv = True
-        count += 1
-    return count
+    return install_block_forward(model, NAMES, _fused_attention_forward, "qlorakit_fused_qkv")
