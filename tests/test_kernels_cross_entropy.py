@@ -38,11 +38,20 @@ def test_matches_full_logits(dtype, chunk):
     hidden.grad = None
     ours, count = chunked_causal_lm_loss(hidden, weight, labels, chunk=chunk)
     (ours * grad_out).backward()
+    exact = hidden.detach().double().requires_grad_()
+    (_full(exact, weight.double(), labels) * grad_out.double()).backward()
 
     assert ours.dtype == torch.float32 and count == 2 * 32 - 7
     assert float(ours) == pytest.approx(float(full), rel=TOL[dtype])
-    assert float((hidden.grad.float() - full_grad.float()).norm() / full_grad.float().norm()) < 10 * TOL[dtype]
     assert hidden.grad.dtype == dtype
+
+    def error(grad):
+        return float((grad.double() - exact.grad).norm() / exact.grad.norm())
+
+    # The gradient is rounded in another order than the full-logits path (its scale comes after the product), so
+    # the bar is fp64: no less accurate than the full path. Measured: fp32 1.1e-6 (full path 0.8e-6); bf16 1.1e-2
+    # both.
+    assert error(hidden.grad) <= 1.3 * error(full_grad) + 1e-6, (error(hidden.grad), error(full_grad))
 
 
 def test_model_loss_and_lora_gradients_match_the_logits_path(tiny_model_dir, tiny_batch):

@@ -3,8 +3,9 @@
 The usual path materialises [tokens x vocab] logits in the compute dtype, an fp32 copy for the loss and an fp32
 gradient of the same size: for 8 x 512 tokens and SmolLM2's 49,152-token vocabulary that is 0.4 + 0.8 + 0.8 GB.
 Here the lm_head product, log-sum-exp and gradient are computed per chunk of tokens, in the same dtypes as the usual
-path (product in the compute dtype, softmax in fp32), and only the hidden states are kept for the backward, which
-recomputes each chunk's logits. Values and gradients are those of `F.cross_entropy` on the full logits.
+path (product in the compute dtype, softmax in fp32). As the loss is the last node of the graph, the gradient with
+respect to the hidden states is computed in the same pass and kept ([tokens x hidden], in place of the hidden
+states); the backward only scales it. Values and gradients are those of `F.cross_entropy` on the full logits.
 """
 
 from __future__ import annotations
@@ -24,32 +25,29 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The loss ends the graph, so its gradient is known now up to the scalar the backward brings: computing it
+        # here saves the backward a third lm_head product and a second softmax over [tokens x vocab].
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 target = labels[start : start + chunk]
                 logits = (hidden[start : start + chunk] @ weight.t()).float()
                 valid = target != IGNORE_INDEX
-                picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
-                total += ((torch.logsumexp(logits, dim=1) - picked) * valid).sum()
-        ctx.save_for_backward(hidden, weight, labels)
-        ctx.chunk = chunk
+                rows = torch.arange(target.shape[0], device=target.device)
+                lse = torch.logsumexp(logits, dim=1)
+                total += ((lse - logits[rows, target.clamp(min=0)]) * valid).sum()
+                if grad_hidden is not None:
+                    grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                    grad[rows, target.clamp(min=0)] -= 1.0
+                    grad *= valid.float().unsqueeze(1)
+                    grad_hidden[start : start + chunk] = grad.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, labels = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], ctx.chunk):
-                target = labels[start : start + ctx.chunk]
-                logits = (hidden[start : start + ctx.chunk] @ weight.t()).float()
-                grad = torch.softmax(logits, dim=1)
-                valid = target != IGNORE_INDEX
-                rows = torch.arange(target.shape[0], device=target.device)
-                grad[rows, target.clamp(min=0)] -= 1.0
-                grad *= (valid.float() * grad_total).unsqueeze(1)
-                grad_hidden[start : start + ctx.chunk] = grad.to(hidden.dtype) @ weight
-        return grad_hidden, None, None, None
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden.float() * grad_total).to(grad_hidden.dtype), None, None, None
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
