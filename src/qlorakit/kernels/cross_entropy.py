@@ -34,10 +34,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 logits = (hidden[start : start + chunk] @ weight.t()).float()
                 valid = target != IGNORE_INDEX
                 rows = torch.arange(target.shape[0], device=target.device)
-                lse = torch.logsumexp(logits, dim=1)
-                total += ((lse - logits[rows, target.clamp(min=0)]) * valid).sum()
+                picked = logits[rows, target.clamp(min=0)]
+                # log-sum-exp with one exp pass, whose result becomes the softmax in place of the logits
+                top = logits.amax(dim=1, keepdim=True)
+                sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
+                total += ((top + sums.log()).squeeze(1) - picked).mul_(valid).sum()
                 if grad_hidden is not None:
-                    grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                    grad = logits.div_(sums)
                     grad[rows, target.clamp(min=0)] -= 1.0
                     grad *= valid.float().unsqueeze(1)
                     grad_hidden[start : start + chunk] = grad.to(hidden.dtype) @ weight
