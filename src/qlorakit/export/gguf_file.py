@@ -274,11 +274,11 @@ def export_gguf(output: str | Path, adapter: str | Path | None = None, model: st
             writer.write_ti_data_to_file()
             if rope_factors is not None:
                 writer.write_tensor_data(rope_factors)
-            steps = iter(plan)
+            kinds = {hf_name: kind for hf_name, _, _, kind in plan}
             for hf_name, tensor in merged_tensors(source, lora, trained_on):
-                if hf_name.endswith("rotary_emb.inv_freq"):
+                if hf_name not in kinds:  # left out by _tensor_plan
                     continue
-                _, gguf_name, _, kind = next(steps)
+                kind = kinds[hf_name]
                 if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                     tensor = _permute_for_ggml(tensor, heads)
                 elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
