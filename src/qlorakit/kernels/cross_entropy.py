@@ -22,28 +22,39 @@ def _chunk_tokens(vocab: int) -> int:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropies of the rows of hidden·weightᵀ against `labels`, all of which are trained (the caller
+    drops the others)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # The loss ends the graph, so its gradient is known now up to the scalar the backward brings: computing it
         # here saves the backward a third lm_head product and a second softmax over [tokens x vocab].
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # One pair of [chunk x vocab] buffers serves every chunk (fresh ones would be faulted in page by page each
+        # time): the logits, then the gradient, in the compute dtype; the logits, then their exponentials, in fp32.
+        # Each op reads and writes one dtype: torch's mixed-dtype elementwise loops are ~10x slower on the CPU.
+        rows_max = min(chunk, hidden.shape[0])
+        logits_buffer = hidden.new_empty(rows_max, weight.shape[0])
+        fp32_buffer = hidden.new_empty(rows_max, weight.shape[0], dtype=torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 target = labels[start : start + chunk]
-                logits = (hidden[start : start + chunk] @ weight.t()).float()
-                valid = target != IGNORE_INDEX
-                rows = torch.arange(target.shape[0], device=target.device)
-                picked = logits[rows, target.clamp(min=0)]
-                # log-sum-exp with one exp pass, whose result becomes the softmax in place of the logits
-                top = logits.amax(dim=1, keepdim=True)
-                sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
-                total += ((top + sums.log()).squeeze(1) - picked).mul_(valid).sum()
+                n = target.shape[0]
+                logits = torch.mm(hidden[start : start + chunk], weight.t(), out=logits_buffer[:n])
+                exps = fp32_buffer[:n].copy_(logits)
+                rows = torch.arange(n, device=target.device)
+                picked = exps[rows, target]
+                # log-sum-exp and softmax from one exp pass
+                top = exps.amax(dim=1, keepdim=True)
+                sums = exps.sub_(top).exp_().sum(dim=1, keepdim=True)
+                total += ((top + sums.log()).squeeze(1) - picked).sum()
                 if grad_hidden is not None:
-                    grad = logits.div_(sums)
-                    grad[rows, target.clamp(min=0)] -= 1.0
-                    grad *= valid.float().unsqueeze(1)
-                    grad_hidden[start : start + chunk] = grad.to(hidden.dtype) @ weight
+                    # softmax - one_hot(target), in fp32, rounded once to the compute dtype
+                    probs = exps.div_(sums)
+                    probs[rows, target] -= 1.0
+                    grad = logits.copy_(probs)
+                    torch.mm(grad, weight, out=grad_hidden[start : start + chunk])
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -60,7 +71,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     keep = targets != IGNORE_INDEX
-    if not bool(keep.all()):  # untrained positions cost nothing
+    if not bool(keep.all()):  # untrained positions cost nothing (and the function expects none)
         hidden, targets = hidden[keep], targets[keep]
     total = _ChunkedCrossEntropy.apply(hidden, weight.to(hidden.dtype), targets, chunk or _chunk_tokens(weight.shape[0]))
     return total, int(targets.shape[0])
