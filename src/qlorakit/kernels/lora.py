@@ -49,15 +49,30 @@ def dequantize_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor
     return dense.to(dtype)
 
 
-def _one_rounding_matmul(left: list[torch.Tensor], right: list[torch.Tensor], right_transposed: bool = False):
-    """sum_i left[i] @ right[i] as one product over the concatenated inner dimension: fp32 accumulation, one
+def _concatenate(parts: list[torch.Tensor], dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat(parts, dim) in `dtype`, each part converted while it is copied in: no converted intermediates."""
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    out = parts[0].new_empty(shape, dtype=dtype)
+    offset = 0
+    for part in parts:
+        out.narrow(dim, offset, part.shape[dim]).copy_(part)
+        offset += part.shape[dim]
+    return out
+
+
+def _one_rounding_matmul(left: list[torch.Tensor], right: list[torch.Tensor], right_transposed: bool = False,
+                         dtype: torch.dtype | None = None):
+    """sum_i left[i] @ right[i] as one product over the concatenated inner dimension in `dtype` (default: left[0]'s;
+    parts in another dtype, e.g. fp32 gradients, are converted as they are concatenated): fp32 accumulation, one
     rounding to the output dtype. With `right_transposed`, right[i] are given as [out, k_i] and the product uses
     their transpose, the layout of x @ W.t() (it matters to the CPU's half-precision GEMM: ~2x)."""
+    dtype = dtype or left[0].dtype
     if len(left) == 1:
-        return left[0] @ (right[0].t() if right_transposed else right[0])
+        return left[0].to(dtype) @ (right[0].t() if right_transposed else right[0]).to(dtype)
     if right_transposed:
-        return torch.cat(left, dim=-1) @ torch.cat(right, dim=1).t()
-    return torch.cat(left, dim=-1) @ torch.cat(right, dim=0)
+        return _concatenate(left, -1, dtype) @ _concatenate(right, 1, dtype).t()
+    return _concatenate(left, -1, dtype) @ _concatenate(right, 0, dtype)
 
 
 def lora_product(x2, base, a, b, scale, compute, x_lora=None):

@@ -43,30 +43,32 @@ class _LoRAGatedMLP(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             dy = grad_out.reshape(-1, grad_out.shape[-1]).to(c)
             dy32 = dy.float()
+            # Elementwise work over [tokens x intermediate] is a large part of this function's time on a CPU: the
+            # steps below reuse their buffers in place where the value is not needed again.
             # down projection
             with torch.enable_grad():
                 gate32 = gate.float().requires_grad_()
                 act32 = act(gate32)
-            hidden = act32.detach().to(c) * up  # as in the forward
+            act32_value = act32.detach()
+            hidden = act32_value.to(c, copy=True).mul_(up)  # as in the forward
             dy_bd = dy32 @ bd.float()
             grad_ad = sd * (dy_bd.t() @ hidden.float())
+            del hidden
             grad_bd = sd * (dy32.t() @ had.float())
             wd = dequantize_weight(ctx.bases[2], c)
-            dhidden = _one_rounding_matmul([dy, (dy_bd * sd).to(c)], [wd, ad.to(c)]).float()
+            dhidden = _one_rounding_matmul([dy, dy_bd * sd], [wd, ad], dtype=c).float()
             del wd
             # activation and product, in fp32
-            dup32 = dhidden * act32.detach()
-            (dgate32,) = torch.autograd.grad(act32, gate32, dhidden * up.float())
+            dup32 = dhidden * act32_value
+            (dgate32,) = torch.autograd.grad(act32, gate32, dhidden.mul_(up.float()))
+            del act32, gate32, dhidden
             # gate and up projections: LoRA gradients in fp32, the input gradient as one product
             dg_bg, du_bu = dgate32 @ bg.float(), dup32 @ bu.float()
             x32 = x2.float()
             grad_ag, grad_bg = sg * (dg_bg.t() @ x32), sg * (dgate32.t() @ xag.float())
             grad_au, grad_bu = su * (du_bu.t() @ x32), su * (dup32.t() @ xau.float())
             weights = [dequantize_weight(ctx.bases[0], c), dequantize_weight(ctx.bases[1], c)]
-            grad_x = _one_rounding_matmul(
-                [dgate32.to(c), dup32.to(c), (dg_bg * sg).to(c), (du_bu * su).to(c)],
-                [*weights, ag.to(c), au.to(c)],
-            )
+            grad_x = _one_rounding_matmul([dgate32, dup32, dg_bg * sg, du_bu * su], [*weights, ag, au], dtype=c)
         grads = [g.to(p.dtype) for g, p in zip((grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd),
                                                 (ag, bg, au, bu, ad, bd))]
         return (grad_x.reshape(*ctx.lead, -1), *grads, None, None, None, None)
