@@ -55,11 +55,11 @@ class _LoRASharedInput(torch.autograd.Function):
                 g32 = g.float()
                 gb32 = g32 @ b.float()  # [tokens, r]
                 lora_grads += [(scale * (gb32.t() @ x32)).to(a.dtype), (scale * (g32.t() @ xa.float())).to(b.dtype)]
-                left += [g, (gb32 * scale).to(c)]
-                right += [dequantize_weight(base, c), a.to(c)]
+                left += [g, gb32 * scale]
+                right += [dequantize_weight(base, c), a]
             grad_x = None
             if ctx.needs_input_grad[0] and left:
-                grad_x = _one_rounding_matmul(left, right).reshape(*ctx.lead, -1)
+                grad_x = _one_rounding_matmul(left, right, dtype=c).reshape(*ctx.lead, -1)
         return (grad_x, None, None, None, *lora_grads)
 
 
