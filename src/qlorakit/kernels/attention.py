@@ -48,6 +48,13 @@ def _kernel_dtype(compute: torch.dtype) -> torch.dtype:
     return compute if torch.cpu._is_amx_tile_supported() else torch.float32
 
 
+def _kernel_inputs(query, key, value, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """One segment's q, k, v for the flash kernel: in `dtype`, kv heads repeated to the query heads."""
+    heads = query.shape[1]
+    return (query[:, :, start:end].to(dtype), _repeat_heads(key[:, :, start:end], heads, dtype),
+            _repeat_heads(value[:, :, start:end], heads, dtype))
+
+
 class _PackedCausalAttention(torch.autograd.Function):
     """Causal attention within each (start, end) segment of one packed row: q [1, heads, length, dim], k and v
     [1, kv_heads, length, dim]; returns [1, length, heads, dim] in q's dtype, as transformers' attention functions
@@ -60,8 +67,7 @@ class _PackedCausalAttention(torch.autograd.Function):
         out = query.new_empty(query.shape[0], query.shape[2], heads, query.shape[3])
         lses = []
         for start, end in segments:
-            o, lse = flash(query[:, :, start:end].to(kernel), _repeat_heads(key[:, :, start:end], heads, kernel),
-                           _repeat_heads(value[:, :, start:end], heads, kernel), 0.0, True, scale=scale)
+            o, lse = flash(*_kernel_inputs(query, key, value, start, end, kernel), 0.0, True, scale=scale)
             out[:, start:end] = o.transpose(1, 2)
             lses.append(lse)
         ctx.save_for_backward(query, key, value, out, *lses)
@@ -75,11 +81,9 @@ class _PackedCausalAttention(torch.autograd.Function):
         flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
         for (start, end), lse in zip(ctx.segments, lses):
-            dq, dk, dv = flash_backward(
-                grad_out[:, start:end].transpose(1, 2).to(kernel), query[:, :, start:end].to(kernel),
-                _repeat_heads(key[:, :, start:end], heads, kernel),
-                _repeat_heads(value[:, :, start:end], heads, kernel), out[:, start:end].transpose(1, 2).to(kernel),
-                lse, 0.0, True, scale=ctx.scale)
+            q, k, v = _kernel_inputs(query, key, value, start, end, kernel)
+            dq, dk, dv = flash_backward(grad_out[:, start:end].transpose(1, 2).to(kernel), q, k, v,
+                                        out[:, start:end].transpose(1, 2).to(kernel), lse, 0.0, True, scale=ctx.scale)
             b, _, n, d = dk.shape  # key/value gradients: summed over the query heads sharing each kv head
             grad_q[:, :, start:end] = dq
             grad_k[:, :, start:end] = dk.view(b, kv_heads, heads // kv_heads, n, d).sum(2)
