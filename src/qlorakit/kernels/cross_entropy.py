@@ -32,11 +32,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # here saves the backward a third lm_head product and a second softmax over [tokens x vocab].
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # One pair of [chunk x vocab] buffers serves every chunk (fresh ones would be faulted in page by page each
-        # time): the logits, then the gradient, in the compute dtype; the logits, then their exponentials, in fp32.
+        # time): the logits, then the gradient, in the compute dtype; the logits, then their exponentials, in fp32
+        # (in fp32 compute the two are one buffer and the copies between them no-ops).
         # Each op reads and writes one dtype: torch's mixed-dtype elementwise loops are ~10x slower on the CPU.
         rows_max = min(chunk, hidden.shape[0])
         logits_buffer = hidden.new_empty(rows_max, weight.shape[0])
-        fp32_buffer = hidden.new_empty(rows_max, weight.shape[0], dtype=torch.float32)
+        fp32_buffer = (logits_buffer if hidden.dtype == torch.float32
+                       else hidden.new_empty(rows_max, weight.shape[0], dtype=torch.float32))
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 target = labels[start : start + chunk]
