@@ -118,7 +118,7 @@ class _LoRALinear(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(compute)
             weight = dequantize_weight(ctx.base, compute)
-            a, b = lora_a.to(compute), lora_b.to(compute)
+            a = lora_a.to(compute)
             g32 = g.float()
             gb32 = g32 @ lora_b.float()  # [tokens, r]
             grad_x = grad_x_lora = None
