@@ -41,7 +41,7 @@ def _run(attn, project, x, grads, precision):
 def _fused(attn):
     def project(x):
         layers = [getattr(attn, n) for n in NAMES]
-        lora = [t for layer in layers for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+        lora = [t for layer in layers for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, None)]
         return _LoRASharedInput.apply(x, tuple(layer.get_base_layer() for layer in layers),
                                       tuple(float(layer.scaling["default"]) for layer in layers),
                                       layers[0].qlorakit_compute_dtype, *lora)

@@ -4,8 +4,9 @@ A packed row holds several examples end to end with position ids restarting at 0
 handles that with a block-diagonal mask over the whole row, so attention costs (sum of lengths)² — eight examples
 of ~330 tokens cost as much as one of 2,600, about 8x the work that matters, and on a CPU that made attention half
 of a training step. Here each example's block is its own causal attention call (is_causal, no mask), so the cost
-is the sum of the squares. Anything else — padded batches, generation with a KV cache, sliding windows, soft-capped
-logits — goes to transformers' sdpa function unchanged.
+is the sum of the squares. The blocks are read from the mask transformers built (see _segments), so the result is
+sdpa's by construction; anything else — padding (at any batch size), generation with a KV cache, sliding windows,
+soft-capped logits — goes to transformers' sdpa function unchanged.
 
 On the CPU all segments go through one autograd function that runs torch's flash kernel in fp32 on the
 compute-dtype q/k/v and rounds each result once. On a CPU without AMX tiles (AVX-512/AVX2) the kernel's fp32 path
@@ -16,23 +17,64 @@ come out 3-5x closer to fp64 (they sum over the query heads that share them). Wi
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 NAME = "qlorakit_packed"
 
 
-def _segments(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> list[tuple[int, int]] | None:
-    if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+def _segments(module, query, key, attention_mask, kwargs) -> list[tuple[int, int]] | None:
+    """The (start, end) blocks of causal attention that transformers' sdpa would compute for this call, when its mask
+    is exactly block-diagonal causal over one row; None for anything else (padding, a cache, several rows, sliding
+    windows, soft-capping, bidirectional attention), which sdpa handles. Derived from the mask, not from position ids:
+    a left-padded row can have position ids that look like one example, and transformers builds the block-diagonal
+    mask of a packed row only when nothing else is masked."""
+    length = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != length:
         return None
-    positions = position_ids.reshape(-1)
-    if positions.numel() != query.shape[2]:
+    if getattr(module, "sliding_window", None) is not None or kwargs.get("softcap") is not None:
         return None
-    starts = torch.nonzero(positions == 0).flatten().tolist()
-    if not starts or starts[0] != 0:
+    is_causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
         return None
-    ends = starts[1:] + [positions.numel()]
-    return list(zip(starts, ends))
+    if attention_mask is None:  # transformers leaves the mask out when it is plain causal: sdpa's is_causal
+        return [(0, length)]
+    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (1, 1, length, length):
+        return None
+    return _block_diagonal_segments(attention_mask)
+
+
+# Every layer of one forward gets the same mask tensor: its blocks are read once (one device sync per forward, not
+# per layer). Keyed on the tensor itself through a weak reference, and its version counter, so a later mask — even
+# one allocated where a freed one was — or an in-place edit is never taken for the cached one.
+_last_mask: tuple | None = None
+
+
+def _block_diagonal_segments(mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    global _last_mask
+    cached = _last_mask
+    if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+        return cached[2]
+    segments = _read_blocks(mask[0, 0])
+    _last_mask = (weakref.ref(mask), mask._version, segments)
+    return segments
+
+
+def _read_blocks(m: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The blocks of a [length, length] boolean mask (True: attend) that is block-diagonal causal, else None. Such a
+    mask is False just below its diagonal exactly where a block starts; the candidate blocks are then checked entry
+    by entry (one comparison over the mask: ~5x less work than transformers spent building it)."""
+    n = m.shape[-1]
+    begins = torch.nonzero(torch.cat([m.new_ones(1), ~m.diagonal(-1)])).flatten().tolist()
+    ends = begins[1:] + [n]
+    longest = max(e - s for s, e in zip(begins, ends))
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=m.device).tril()
+    expected = m.new_zeros(n, n)
+    for s, e in zip(begins, ends):
+        expected[s:e, s:e] = causal[: e - s, : e - s]
+    return list(zip(begins, ends)) if torch.equal(m, expected) else None
 
 
 def _repeat_heads(t: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -96,9 +138,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     """transformers attention-interface function: per-example causal attention for packed rows, sdpa otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    segments = None
-    if getattr(module, "sliding_window", None) is None and kwargs.get("softcap") is None:
-        segments = _segments(kwargs.get("position_ids"), query, key)
+    segments = _segments(module, query, key, attention_mask, kwargs)
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

@@ -1,4 +1,5 @@
-"""A LoRA linear layer, y = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ (+ bias), as one autograd function over any frozen base.
+"""A LoRA linear layer, y = x·W0ᵀ (+ bias) + s·((x·Aᵀ)·Bᵀ (+ b_B)), as one autograd function over any frozen base
+(b_B: the bias of B that PEFT adds with lora_bias=True).
 
 Why not PEFT's layer: in a half-precision compute dtype PEFT computes the base output, rounds it to bf16/fp16,
 and only then adds the adapter's delta. Early in training the delta is far below half a unit in the last place of
@@ -16,6 +17,7 @@ this costs little) and returned in the adapters' own dtype. The compute dtype co
 from __future__ import annotations
 
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +77,10 @@ def _one_rounding_matmul(left: list[torch.Tensor], right: list[torch.Tensor], ri
     return _concatenate(left, -1, dtype) @ _concatenate(right, 0, dtype)
 
 
-def lora_product(x2, base, a, b, scale, compute, x_lora=None):
-    """x·W0ᵀ + s·(x'·Aᵀ)·Bᵀ (+ bias) for a 2-D input already in `compute`, rounded once, where x' is `x_lora` (the
-    adapter's input after dropout) or x; returns (output, x'·Aᵀ), which the fused functions save for the LoRA
-    gradients."""
+def lora_product(x2, base, a, b, scale, compute, x_lora=None, b_bias=None):
+    """x·W0ᵀ + bias + s·((x'·Aᵀ)·Bᵀ + b_B) for a 2-D input already in `compute`, rounded once, where x' is `x_lora`
+    (the adapter's input after dropout) or x and b_B is B's own bias (PEFT's lora_bias; None without); returns
+    (output, x'·Aᵀ), which the fused functions save for the LoRA gradients."""
     xa = (x2 if x_lora is None else x_lora) @ a.to(compute).t()
     weight = dequantize_weight(base, compute)
     bias = base.bias
@@ -86,17 +88,26 @@ def lora_product(x2, base, a, b, scale, compute, x_lora=None):
         out = torch.addmm(x2 @ weight.t(), xa, b.to(compute).t(), alpha=scale)
         if bias is not None:
             out += bias.to(compute)
+        if b_bias is not None:
+            out += scale * b_bias.to(compute)
         return out, xa
     left, right = [x2, xa * scale], [weight, b.to(compute)]
-    if bias is not None:
-        left.append(x2.new_ones(x2.shape[0], 1))
-        right.append(bias.to(compute).reshape(-1, 1))
+    # Each bias is its own column of ones in the product, so a small s·b_B is not lost against the base bias either.
+    for extra in (bias, None if b_bias is None else b_bias.float() * scale):
+        if extra is not None:
+            left.append(x2.new_ones(x2.shape[0], 1))
+            right.append(extra.to(compute).reshape(-1, 1))
     return _one_rounding_matmul(left, right, right_transposed=True), xa
+
+
+def lora_bias_grad(grad32: torch.Tensor, scale: float, b_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient of B's bias (lora_bias) from the fp32 output gradient [tokens, out]: s·Σ_tokens grad."""
+    return None if b_bias is None else (scale * grad32.sum(0)).to(b_bias.dtype)
 
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_lora, lora_a, lora_b, scale, base, compute):
+    def forward(ctx, x, x_lora, lora_a, lora_b, lora_b_bias, scale, base, compute):
         device_type = x.device.type
         with torch.autocast(device_type, enabled=False):
             in_features = x.shape[-1]
@@ -104,14 +115,14 @@ class _LoRALinear(torch.autograd.Function):
             x2 = x.reshape(-1, in_features).to(compute)
             same = x_lora is x
             xd2 = x2 if same else x_lora.reshape(-1, in_features).to(compute)
-            out, xa = lora_product(x2, base, lora_a, lora_b, scale, compute, None if same else xd2)
-        ctx.save_for_backward(x2, None if same else xd2, xa, lora_a, lora_b)
+            out, xa = lora_product(x2, base, lora_a, lora_b, scale, compute, None if same else xd2, lora_b_bias)
+        ctx.save_for_backward(x2, None if same else xd2, xa, lora_a, lora_b, lora_b_bias)
         ctx.same, ctx.scale, ctx.base, ctx.compute, ctx.lead = same, scale, base, compute, lead
         return out.reshape(*lead, out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xd2, xa, lora_a, lora_b = ctx.saved_tensors
+        x2, xd2, xa, lora_a, lora_b, lora_b_bias = ctx.saved_tensors
         if ctx.same:
             xd2 = x2
         scale, compute = ctx.scale, ctx.compute
@@ -135,26 +146,36 @@ class _LoRALinear(torch.autograd.Function):
                 grad_a = (scale * (gb32.t() @ xd2.float())).to(lora_a.dtype)
             if ctx.needs_input_grad[3]:
                 grad_b = (scale * (g32.t() @ xa.float())).to(lora_b.dtype)
-        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None
+            grad_b_bias = lora_bias_grad(g32, scale, lora_b_bias) if ctx.needs_input_grad[4] else None
+        return grad_x, grad_x_lora, grad_a, grad_b, grad_b_bias, None, None, None
 
 
-def lora_linear(x, base, lora_a, lora_b, scale: float, compute: torch.dtype, dropout_p: float = 0.0, training=False):
-    """x·W0ᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ (+ bias) for the frozen linear layer `base` in the `compute` dtype."""
+def lora_linear(x, base, lora_a, lora_b, scale: float, compute: torch.dtype, dropout_p: float = 0.0, training=False,
+                lora_b_bias=None):
+    """x·W0ᵀ (+ bias) + scale·((dropout(x)·Aᵀ)·Bᵀ (+ lora_b_bias)) for the frozen linear layer `base` in the `compute`
+    dtype — PEFT's base(x) + lora_B(lora_A(dropout(x)))·scaling, B's bias (lora_bias) scaled too."""
     x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 and training else x
-    return _LoRALinear.apply(x, x_lora, lora_a, lora_b, float(scale), base, compute)
+    return _LoRALinear.apply(x, x_lora, lora_a, lora_b, lora_b_bias, float(scale), base, compute)
 
 
 # ---------------------------------------------------------------------------------------------- PEFT layers
 
 
 def _base_supported(base: torch.nn.Module) -> bool:
+    """A frozen linear base: 4-bit, 8-bit or plain weight, no trainable bias (the fused functions give the base no
+    gradient)."""
     weight = getattr(base, "weight", None)
     if weight is None or weight.requires_grad:
         return False
-    if type(weight).__name__ in ("Params4bit", "Int8Params"):
-        return True
     bias = getattr(base, "bias", None)
-    return isinstance(base, torch.nn.Linear) and (bias is None or not bias.requires_grad)
+    if bias is not None and bias.requires_grad:
+        return False
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        return getattr(weight, "quant_state", None) is not None
+    if kind == "Int8Params":
+        return weight.dtype == torch.int8  # not yet quantized (has_fp16_weights): bitsandbytes' forward
+    return type(base) is torch.nn.Linear  # a subclass may compute something else than x·Wᵀ + b
 
 
 def _dropout_p(module: torch.nn.Module) -> float | None:
@@ -165,21 +186,49 @@ def _dropout_p(module: torch.nn.Module) -> float | None:
     return None
 
 
-def fast_path_parts(layer) -> tuple | None:
-    """(base, A, B, scale, dropout_p) when `layer` (a PEFT LoRA linear routed by install_fused_lora) can take the
-    fused function; None for the cases PEFT's forward must handle (disabled or merged adapters, several active
-    adapters, DoRA and other variants, non-standard dropout)."""
+class LoRAParts(NamedTuple):
+    base: torch.nn.Module
+    a: torch.Tensor
+    b: torch.Tensor
+    b_bias: torch.Tensor | None  # PEFT's lora_bias: lora_B has a bias, scaled with the product
+    scale: float
+    dropout_p: float
+
+
+def fast_path_parts(layer) -> LoRAParts | None:
+    """What the fused functions need from `layer` (a PEFT LoRA linear routed by install_fused_lora), or None for
+    every case PEFT's forward must handle: disabled or merged adapters, several active adapters, DoRA and other
+    variants (aLoRA, ...), a non-standard dropout, lora_A/lora_B that are not plain linear layers (lora_A with a
+    bias), fan_in_fan_out weights, a base with trainable weight or bias. Read at each call, not at install: adapters
+    can be added, switched, merged or made trainable afterwards."""
     if not getattr(layer, "qlorakit_fused", False):
         return None
     active = layer.active_adapters
     name = active[0] if len(active) == 1 else None
-    dropout_p = _dropout_p(layer.lora_dropout[name]) if name in layer.lora_A else None
+    if name not in layer.lora_A or layer.disable_adapters or layer.merged:
+        return None
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    dropout_p = _dropout_p(layer.lora_dropout[name])
     if (
-        dropout_p is None or layer.disable_adapters or layer.merged
-        or name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False)
+        dropout_p is None or name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False)
+        or name in getattr(layer, "lora_magnitude_vector", {}) or getattr(layer, "fan_in_fan_out", False)
+        or type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear or lora_a.bias is not None
+        or not _base_supported(base := layer.get_base_layer())
     ):
         return None
-    return layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name], dropout_p
+    return LoRAParts(base, lora_a.weight, lora_b.weight, lora_b.bias, layer.scaling[name], dropout_p)
+
+
+def runs_its_own_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones: PEFT's per-row adapter_names, a user's
+    probe) — a fused block that computes the module's output without calling it must then call it instead."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(
+        module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
+        or nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
+        or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks
+    )
 
 
 def _take_precomputed(layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -200,8 +249,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     parts = None if args or kwargs else fast_path_parts(self)
     if parts is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base, lora_a, lora_b, scale, dropout_p = parts
-    return lora_linear(x, base, lora_a, lora_b, scale, self.qlorakit_compute_dtype, dropout_p, self.training)
+    return lora_linear(x, parts.base, parts.a, parts.b, parts.scale, self.qlorakit_compute_dtype, parts.dropout_p,
+                       self.training, parts.b_bias)
 
 
 def install_fused_lora(model: torch.nn.Module, compute: torch.dtype) -> int:

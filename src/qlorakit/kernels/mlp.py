@@ -14,29 +14,31 @@ from __future__ import annotations
 
 import torch
 
-from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts, install_block_forward, lora_product
+from .lora import (_one_rounding_matmul, dequantize_weight, fast_path_parts, install_block_forward, lora_bias_grad,
+                   lora_product, runs_its_own_hooks)
 from .rmsnorm import compact_input, restore_input
 
 
 class _LoRAGatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, act, compute):
+    def forward(ctx, x, ag, bg, au, bu, ad, bd, bases, scales, act, compute, cg=None, cu=None, cd=None):
+        # cg, cu, cd: the B biases of PEFT's lora_bias (None without)
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(compute)
-            gate, xag = lora_product(x2, bases[0], ag, bg, scales[0], compute)
-            up, xau = lora_product(x2, bases[1], au, bu, scales[1], compute)
+            gate, xag = lora_product(x2, bases[0], ag, bg, scales[0], compute, b_bias=cg)
+            up, xau = lora_product(x2, bases[1], au, bu, scales[1], compute, b_bias=cu)
             hidden = act(gate) * up
-            out, had = lora_product(hidden, bases[2], ad, bd, scales[2], compute)
+            out, had = lora_product(hidden, bases[2], ad, bd, scales[2], compute, b_bias=cd)
         saved_x, ctx.norm = compact_input(x, x2)
-        ctx.save_for_backward(saved_x, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd)
+        ctx.save_for_backward(saved_x, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd, cg, cu, cd)
         ctx.bases, ctx.scales, ctx.act, ctx.compute = bases, scales, act, compute
         ctx.lead, ctx.x_shape = lead, x2.shape
         return out.reshape(*lead, out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved_x, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        saved_x, gate, up, xag, xau, had, ag, bg, au, bu, ad, bd, cg, cu, cd = ctx.saved_tensors
         x2 = restore_input(saved_x, ctx.norm, ctx.x_shape)
         sg, su, sd = ctx.scales
         c, act = ctx.compute, ctx.act
@@ -55,6 +57,7 @@ class _LoRAGatedMLP(torch.autograd.Function):
             grad_ad = sd * (dy_bd.t() @ hidden.float())
             del hidden
             grad_bd = sd * (dy32.t() @ had.float())
+            grad_cd = lora_bias_grad(dy32, sd, cd)
             wd = dequantize_weight(ctx.bases[2], c)
             dhidden = _one_rounding_matmul([dy, dy_bd * sd], [wd, ad], dtype=c).float()
             del wd
@@ -67,20 +70,24 @@ class _LoRAGatedMLP(torch.autograd.Function):
             x32 = x2.float()
             grad_ag, grad_bg = sg * (dg_bg.t() @ x32), sg * (dgate32.t() @ xag.float())
             grad_au, grad_bu = su * (du_bu.t() @ x32), su * (dup32.t() @ xau.float())
+            grad_cg, grad_cu = lora_bias_grad(dgate32, sg, cg), lora_bias_grad(dup32, su, cu)
             weights = [dequantize_weight(ctx.bases[0], c), dequantize_weight(ctx.bases[1], c)]
             grad_x = _one_rounding_matmul([dgate32, dup32, dg_bg * sg, du_bu * su], [*weights, ag, au], dtype=c)
         grads = [g.to(p.dtype) for g, p in zip((grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd),
                                                 (ag, bg, au, bu, ad, bd))]
-        return (grad_x.reshape(*ctx.lead, -1), *grads, None, None, None, None)
+        return (grad_x.reshape(*ctx.lead, -1), *grads, None, None, None, None, grad_cg, grad_cu, grad_cd)
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    parts = [fast_path_parts(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    if any(p is None or p[4] > 0 or p[0].bias is not None for p in parts):
+    projections = (self.gate_proj, self.up_proj, self.down_proj)
+    parts = [fast_path_parts(p) for p in projections]
+    # The projections are not called here, so one with hooks (PEFT's per-row adapter_names, a user's probe) must be.
+    if (any(p is None or p.dropout_p > 0 or p.base.bias is not None for p in parts)
+            or any(runs_its_own_hooks(p) for p in projections)):
         return type(self).forward(self, x)
-    (bg_, ag_w, bg_w, sg, _), (bu_, au_w, bu_w, su, _), (bd_, ad_w, bd_w, sd, _) = parts
-    return _LoRAGatedMLP.apply(x, ag_w, bg_w, au_w, bu_w, ad_w, bd_w, (bg_, bu_, bd_), (sg, su, sd), self.act_fn,
-                               self.gate_proj.qlorakit_compute_dtype)
+    g, u, d = parts
+    return _LoRAGatedMLP.apply(x, g.a, g.b, u.a, u.b, d.a, d.b, (g.base, u.base, d.base), (g.scale, u.scale, d.scale),
+                               self.act_fn, self.gate_proj.qlorakit_compute_dtype, g.b_bias, u.b_bias, d.b_bias)
 
 
 def install_fused_mlp(model: torch.nn.Module) -> int:

@@ -4,7 +4,7 @@ their shared input.
 Per layer, autograd would produce three input gradients, each rounded to bf16/fp16, then add them — two more roundings. Here the input is
 saved once (as the norm's input when it is an rms_norm output, see rmsnorm.py) and its gradient is one matrix product over [dq, dk, dv, s·dq·Bq, s·dk·Bk, s·dv·Bv] · [Wq; Wk; Wv; Aq;
 Ak; Av], accumulated in fp32 and rounded once (see lora.py for why the rounding matters). Frozen biases (Qwen2) are
-kept. The output projection takes the single-layer function in lora.py; it has its own input.
+kept, and so are the B biases of PEFT's lora_bias. The output projection takes the single-layer function in lora.py; it has its own input.
 
 Hooked in without touching the model's attention code: the attention module's forward computes the three outputs
 first and hands each projection its own, which the projection returns when it is called on that same input; an
@@ -16,23 +16,24 @@ from __future__ import annotations
 
 import torch
 
-from .lora import _one_rounding_matmul, dequantize_weight, fast_path_parts, install_block_forward, lora_product
+from .lora import (_one_rounding_matmul, dequantize_weight, fast_path_parts, install_block_forward, lora_bias_grad,
+                   lora_product, runs_its_own_hooks)
 from .rmsnorm import compact_input, restore_input
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 
 
 class _LoRASharedInput(torch.autograd.Function):
-    """Several LoRA linear layers applied to one input: outputs x·Wᵢᵀ + sᵢ·(x·Aᵢᵀ)·Bᵢᵀ (+ biasᵢ)."""
+    """Several LoRA linear layers applied to one input: outputs x·Wᵢᵀ (+ biasᵢ) + sᵢ·((x·Aᵢᵀ)·Bᵢᵀ (+ b_Bᵢ)); `lora`
+    is (Aᵢ, Bᵢ, b_Bᵢ) per layer, b_Bᵢ None without lora_bias."""
 
     @staticmethod
     def forward(ctx, x, bases, scales, compute, *lora):
         lead = x.shape[:-1]
-        a_s, b_s = lora[0::2], lora[1::2]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(compute)
-            outs, xas = zip(*(lora_product(x2, base, a, b, s, compute)
-                              for base, a, b, s in zip(bases, a_s, b_s, scales)))
+            outs, xas = zip(*(lora_product(x2, base, a, b, s, compute, b_bias=b_bias)
+                              for base, a, b, b_bias, s in zip(bases, lora[0::3], lora[1::3], lora[2::3], scales)))
         saved_x, ctx.norm = compact_input(x, x2)
         ctx.save_for_backward(saved_x, *xas, *lora)
         ctx.bases, ctx.scales, ctx.compute, ctx.lead, ctx.x_shape = bases, scales, compute, lead, x2.shape
@@ -47,14 +48,17 @@ class _LoRASharedInput(torch.autograd.Function):
         lora_grads, left, right = [], [], []
         with torch.autocast(x2.device.type, enabled=False):
             x32 = x2.float()
-            for grad, base, scale, xa, a, b in zip(grads, ctx.bases, ctx.scales, xas, lora[0::2], lora[1::2]):
+            for grad, base, scale, xa, a, b, b_bias in zip(grads, ctx.bases, ctx.scales, xas, lora[0::3], lora[1::3],
+                                                           lora[2::3]):
                 if grad is None:  # an output the caller did not use
-                    lora_grads += [torch.zeros_like(a), torch.zeros_like(b)]
+                    lora_grads += [torch.zeros_like(a), torch.zeros_like(b),
+                                   None if b_bias is None else torch.zeros_like(b_bias)]
                     continue
                 g = grad.reshape(-1, grad.shape[-1]).to(c)
                 g32 = g.float()
                 gb32 = g32 @ b.float()  # [tokens, r]
-                lora_grads += [(scale * (gb32.t() @ x32)).to(a.dtype), (scale * (g32.t() @ xa.float())).to(b.dtype)]
+                lora_grads += [(scale * (gb32.t() @ x32)).to(a.dtype), (scale * (g32.t() @ xa.float())).to(b.dtype),
+                               lora_bias_grad(g32, scale, b_bias)]
                 left += [g, gb32 * scale]
                 right += [dequantize_weight(base, c), a]
             grad_x = None
@@ -68,10 +72,12 @@ def _fused_attention_forward(self, *args, **kwargs):
     x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
     projections = [getattr(self, name) for name in NAMES]
     parts = [fast_path_parts(p) for p in projections]
-    if not isinstance(x, torch.Tensor) or any(p is None or (p[4] > 0 and self.training) for p in parts):
+    # A projection with hooks may be called with other arguments (PEFT's per-row adapter_names): it computes its own.
+    if (not isinstance(x, torch.Tensor) or any(p is None or (p.dropout_p > 0 and self.training) for p in parts)
+            or any(runs_its_own_hooks(p) for p in projections)):
         return type(self).forward(self, *args, **kwargs)
-    lora = [t for p in parts for t in (p[1], p[2])]
-    outs = _LoRASharedInput.apply(x, tuple(p[0] for p in parts), tuple(float(p[3]) for p in parts),
+    lora = [t for p in parts for t in (p.a, p.b, p.b_bias)]
+    outs = _LoRASharedInput.apply(x, tuple(p.base for p in parts), tuple(float(p.scale) for p in parts),
                                   projections[0].qlorakit_compute_dtype, *lora)
     for projection, out in zip(projections, outs):
         projection.qlorakit_precomputed = (x, out)
