@@ -112,7 +112,7 @@ def _merge_into_other_base(tmp_path):
     narrow = save_tiny_model(tmp_path / "narrow", hidden_size=32, intermediate_size=64)
     model = qlorakit.add_lora(qlorakit.load(wide, quant="none", dtype="fp32", device="cpu")[0], rank=2, alpha=4)
     model.save_pretrained(tmp_path / "adapter")
-    return qlorakit.merge(tmp_path / "adapter", tmp_path / "merged", model=str(narrow))
+    return qlorakit.merge(tmp_path / "adapter", tmp_path / "merged", model=str(narrow), base="original")
 
 
 def _write(path, text):

@@ -27,6 +27,28 @@ def test_help(capsys, command, expected):
         assert flag in text, flag
 
 
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                for inner, subsub in _subparsers(sub):
+                    yield f"{name} {inner}", subsub
+
+
+def test_every_command_and_flag_has_help_text():
+    """`qlorakit X --help` explains every command and every flag (precision and parts of eval had none)."""
+    missing = []
+    for name, sub in _subparsers(build_parser()):
+        if not sub.description:
+            missing.append(f"{name}: no description")
+        missing += [f"{name} {a.option_strings[0]}" for a in sub._actions
+                    if a.option_strings and a.help in (None, "") and a.option_strings[0] != "-h"]
+    assert not missing, missing
+
+
 def test_flags_override_yaml_and_the_effective_config_is_saved(tmp_path, tiny_model_dir, capsys, monkeypatch):
     rows = [{"instruction": f"w{10 + i % 30} w{50 + i % 7}", "output": "w100 w101"} for i in range(24)]
     data = tmp_path / "train.json"

@@ -147,7 +147,8 @@ def test_merged_model_loads_in_plain_transformers_without_qlorakit(bases, adapte
     )
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
     logits = torch.load(tmp_path / "logits.pt")
-    assert _rel(logits, _qlorakit_logits(base, adapter, ids)) < 1e-5  # measured ~2e-7
+    # merged into the nf4 base the adapter was trained against (merge's default base)
+    assert _rel(logits, _qlorakit_logits(base, adapter, ids, quant="nf4")) < 1e-5  # measured ~2e-6
 
 
 @pytest.mark.parametrize("dtype", ("bf16", "fp16"))

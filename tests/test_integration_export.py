@@ -51,13 +51,25 @@ def merged(run):
     return path, AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
-def test_merged_model_generates_what_qlorakit_generates(run, merged):
+def test_merged_model_generates_what_the_trained_model_generates(run, merged):
+    """The default merge (the dequantized NF4 base training saw) answers as the trained model, NF4 + adapter in
+    bf16, does; the merge into the original weights answers as qlorakit does on those weights."""
     _, model, tokenizer = merged
+    trained, _ = qlorakit.load(DEFAULT_MODEL, quant="nf4", dtype="bf16", device="cpu")
+    trained = load_adapter(trained, run["adapter"])
+    for row in run["prompts"]:
+        ids = _prompt_ids(tokenizer, row)
+        assert _greedy(model, ids, tokenizer) == _greedy(trained, ids, tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    path = qlorakit.merge(run["adapter"], run["root"] / "merged-original", dtype="fp32", base="original",
+                          log=lambda _: None)
+    original = AutoModelForCausalLM.from_pretrained(path)
     base, _ = qlorakit.load(DEFAULT_MODEL, quant="none", dtype="fp32", device="cpu")
     ours = load_adapter(base, run["adapter"])
     for row in run["prompts"]:
         ids = _prompt_ids(tokenizer, row)
-        assert _greedy(model, ids, tokenizer) == _greedy(ours, ids, tokenizer)
+        assert _greedy(original, ids, tokenizer) == _greedy(ours, ids, tokenizer)
 
 
 def test_gguf_has_the_layout_and_tokenizer_of_the_shipped_gguf(run, tmp_path):

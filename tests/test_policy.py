@@ -134,8 +134,8 @@ def test_rslora_and_targets(tiny_model_dir):
     "kwargs, match",
     [
         ({"rank": 0}, "rank=0 must be a positive integer"),
-        ({"alpha": -1}, "alpha=-1 must be a positive number"),
-        ({"dropout": 1.5}, r"dropout=1.5 must be in \[0, 1\)"),
+        ({"alpha": -1}, "alpha=-1 must be a positive finite number"),
+        ({"dropout": 1.5}, r"dropout=1.5 must be a finite number in \[0, 1\)"),
         ({"targets": "nonexistent_proj"}, "matches no layer.*q_proj"),
         ({"targets": []}, "use 'all-linear' or module names"),
     ],

@@ -11,7 +11,7 @@
     qlorakit.save_quantized(model, tokenizer, "base-nf4")              # the quantized base itself
 """
 
-from .adapters import add_lora
+from .adapters import add_lora, load_adapter
 from .config import TrainConfig
 from .data import load_data
 from .errors import ConfigError, DataError, PrecisionError, QLoraKitError, SourceError, TrainingError
@@ -29,7 +29,7 @@ __all__ = [
     "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "DataError", "Precision", "PrecisionCallback", "PrecisionError",
     "QLoraKitError", "RunResult", "SFTTrainer", "SourceError", "StepResult", "TrainConfig", "TrainStep",
     "TrainingError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "export_gguf", "generate", "guard",
-    "load", "load_data", "merge", "precision_of", "quantize", "save_quantized", "train",
+    "load", "load_adapter", "load_data", "merge", "precision_of", "quantize", "save_quantized", "train",
 ]
 
 

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, check_number, show
 from .kernels import install_fast_path
 
 # PEFT reads a transformers attribute that transformers 5 deprecates; the warning is about their code, not the user's.
@@ -17,22 +17,57 @@ from .precision import precision_of
 def _target_modules(targets) -> str | list[str]:
     if targets == "all-linear":
         return "all-linear"  # PEFT: every linear layer except the output head
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
+    names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else targets
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(t, str) and t for t in names):
         raise ConfigError(
-            f"targets={targets!r}: use 'all-linear' or module names such as ['q_proj', 'v_proj'] "
+            f"targets={show(targets)}: use 'all-linear' or module names such as ['q_proj', 'v_proj'] "
             "(a comma-separated string works too)"
         )
-    return list(targets)
+    return list(names)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)})
+
+
+def _check_rank(model: torch.nn.Module, rank: int, targets) -> None:
+    """A rank above min(in, out) of every targeted layer adds nothing a full-rank update would not, and a rank of
+    millions from a typo would allocate gigabytes: refuse it."""
+    widths = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+              if _is_linear(m) and hasattr(m, "in_features") and (
+                  name.rsplit(".", 1)[-1] != "lm_head" if targets == "all-linear"
+                  else any(name == t or name.endswith("." + t) for t in targets))]
+    if widths and rank > max(widths):
+        raise ConfigError(
+            f"rank={rank} is more than the full rank of every targeted layer (a rank-r update of an m x n layer "
+            f"needs r <= min(m, n), at most {max(widths)} here); use a rank of at most {max(widths)} "
+            "(typical: 8 to 64)"
+        )
+
+
+def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every named target must be a linear layer of this model. PEFT matches a name against the end of each module
+    path and proceeds as long as one name matches anything, so a typo beside a real name would silently train
+    fewer layers; it also puts LoRA on embeddings, which merge and GGUF export cannot fold into the base."""
+    modules = dict(model.named_modules())
+    for target in targets:
+        matched = [name for name in modules if name == target or name.endswith("." + target)]
+        if not matched:
+            raise ConfigError(
+                f"targets: {show(target)} matches no layer of this model; its linear layers are named: "
+                f"{', '.join(_linear_names(model))} (or use 'all-linear')"
+            )
+        other = [name for name in matched if not _is_linear(modules[name])]
+        if other:
+            raise ConfigError(
+                f"targets: {show(target)} names {type(modules[other[0]]).__name__} modules ({other[0]}"
+                f"{', ...' if len(other) > 1 else ''}), not linear layers; LoRA goes on linear layers, named here: "
+                f"{', '.join(_linear_names(model))} (or use 'all-linear')"
+            )
 
 
 def add_lora(
@@ -53,18 +88,23 @@ def add_lora(
     PEFT's layers and transformers' sdpa attention otherwise. Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
+    from .config import LORA_RANGES
+
     precision = precision_of(model).with_adapter_dtype(adapter_dtype)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ConfigError(f"rank={rank!r} must be a positive integer (typical: 8, 16, 32, 64)")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise ConfigError(f"alpha={alpha!r} must be a positive number (typical: twice the rank)")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout={dropout!r} must be in [0, 1)")
+        raise ConfigError(f"rank={show(rank)} must be a positive integer (typical: 8, 16, 32, 64)")
+    for name, value in (("alpha", alpha), ("dropout", dropout)):
+        low, high, low_ok, high_ok, hint = LORA_RANGES[name]
+        check_number(name, value, low, high, low_ok=low_ok, high_ok=high_ok, hint=hint)
+    target_modules = _target_modules(targets)
+    if target_modules != "all-linear":
+        _check_targets(model, target_modules)
+    _check_rank(model, rank, target_modules)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=float(dropout),
-        target_modules=_target_modules(targets),
+        target_modules=target_modules,
         use_rslora=bool(rslora),
         bias="none",
         task_type="CAUSAL_LM",
@@ -73,12 +113,14 @@ def add_lora(
         # autocast_adapter_dtype=False: PEFT would otherwise pick the adapters' dtype itself; the policy decides.
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     except ValueError as e:
-        if "not found in the base model" in str(e) or "Target modules" in str(e):
-            raise ConfigError(
-                f"targets={targets!r} matches no layer of this model; its linear layers are named: "
-                f"{', '.join(_linear_names(model))}"
-            ) from e
-        raise
+        # Named targets are checked above; only 'all-linear' can match nothing (a model whose one linear layer is
+        # its output head, which PEFT leaves out).
+        if "not found in the base model" not in str(e) and "Target modules" not in str(e):
+            raise
+        raise ConfigError(
+            "targets='all-linear': this model has no linear layer besides its output head for LoRA to go on; "
+            f"its linear layers are named: {', '.join(_linear_names(model)) or 'none'}"
+        ) from None
     if fused:
         install_fast_path(peft_model, precision.compute)
     return precision.attach(peft_model)
@@ -87,7 +129,6 @@ def add_lora(
 def read_adapter_info(path) -> dict:
     """What an adapter directory says about its base: PEFT's adapter_config.json, and qlorakit.json when qlorakit
     wrote it (base source, quantization, dtype)."""
-    import json
     from pathlib import Path
 
     path = Path(path)
@@ -99,10 +140,29 @@ def read_adapter_info(path) -> dict:
         )
     if not (path / "adapter_model.safetensors").is_file():
         raise ConfigError(f"{path}: adapter_model.safetensors is missing (qlorakit loads safetensors adapters only)")
-    info = {"peft": json.loads(config_file.read_text())}
     extra = path / "qlorakit.json"
-    info["qlorakit"] = json.loads(extra.read_text()) if extra.is_file() else {}
-    return info
+    return {"peft": _json_object(config_file, "PEFT's adapter settings"),
+            "qlorakit": _json_object(extra, "what qlorakit recorded about the base") if extra.is_file() else {}}
+
+
+def _json_object(file, what: str) -> dict:
+    """A JSON object file of an adapter directory, or a ConfigError naming it: a damaged file must not end in a
+    traceback (or a TypeError where a list stands for the object)."""
+    import json
+
+    fix = "restore it from the training run's --output directory, or save the adapter again"
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: not UTF-8 text (byte {e.start}), so {what} cannot be read; {fix}") from None
+    except ValueError as e:  # json.JSONDecodeError
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"{file}: not valid JSON{where}, so {what} cannot be read; {fix}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: JSON nested too deeply, so {what} cannot be read; {fix}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{file}: a JSON {type(value).__name__}, not the object of {what}; {fix}")
+    return value
 
 
 def adapter_base(info: dict, adapter_dir) -> str:
@@ -112,14 +172,18 @@ def adapter_base(info: dict, adapter_dir) -> str:
 
     from .load import DEFAULT_MODEL
 
-    if info["qlorakit"].get("base_model"):
-        return info["qlorakit"]["base_model"]
+    recorded = info["qlorakit"].get("base_model")
+    if recorded is not None and not isinstance(recorded, str):
+        raise ConfigError(f"{Path(adapter_dir) / 'qlorakit.json'}: 'base_model' is {show(recorded)}, not a path or "
+                          "model name; fix the file, or pass the base model with --model")
+    if recorded:
+        return recorded
     named = info["peft"].get("base_model_name_or_path")
-    if named and (named == DEFAULT_MODEL or Path(named).expanduser().exists()):
+    if isinstance(named, str) and named and (named == DEFAULT_MODEL or Path(named).expanduser().exists()):
         return named
     raise ConfigError(
-        f"{adapter_dir}: the adapter names its base model as {named!r}, which is not a local path; pass the base "
-        "model with --model (a local directory or .gguf file: qlorakit never downloads)"
+        f"{adapter_dir}: the adapter names its base model as {show(named)}, which is not a local path; pass the "
+        "base model with --model (a local directory or .gguf file: qlorakit never downloads)"
     )
 
 
@@ -130,14 +194,15 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: b
 
     info = read_adapter_info(path)
     if info["peft"].get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"{path}: a {info['peft'].get('peft_type')} adapter; qlorakit loads LoRA adapters")
+        raise ConfigError(f"{path}: a {show(info['peft'].get('peft_type'))} adapter; qlorakit loads LoRA adapters")
     precision = precision_of(model)
     try:
         peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable, autocast_adapter_dtype=False)
     except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
-            f"{path}: the adapter does not fit this base model ({str(e).splitlines()[0][:300]}); it was trained on "
-            f"{info['peft'].get('base_model_name_or_path')!r}"
+            f"{path}: the adapter does not fit this base model ({show(first)}); it was trained on "
+            f"{show(info['peft'].get('base_model_name_or_path'))}"
         ) from None
     if fused:
         install_fast_path(peft_model, precision.compute)

@@ -1,58 +1,27 @@
-"""Checkpoints and atomic writes. Nothing here pickles: tensors go to safetensors, everything else to JSON.
+"""Checkpoints. Nothing here pickles: tensors go to safetensors, everything else to JSON.
 
 A checkpoint directory (`DIR/checkpoints/step-000120/`) holds the adapter weights, the optimizer's tensors and
 hyper-parameters, the scheduler, the GradScaler, the RNG states and the data position — everything a resumed run
-needs to continue to the same result. It is written under a temporary name and renamed into place, so a killed run
-leaves either a whole checkpoint or none; older ones beyond `keep_last` are removed after the new one is in place.
+needs to continue to the same result. It is written under a temporary name and renamed into place (outputs.py),
+so a killed run leaves either a whole checkpoint or none; older ones beyond `keep_last` are removed after the new
+one is in place.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import TrainingError
+from .errors import TrainingError, show
+from .outputs import atomic_directory, is_disk_full
 
 _STEP_PREFIX = "step-"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, value) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -106,37 +75,39 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
 
 
 def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, scaler, position: dict,
-                    metrics: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` into `directory` atomically and prune to the newest `keep_last`."""
+                    metrics: dict, keep_last: int, data: dict | None = None) -> Path:
+    """Write checkpoint `step` into `directory` atomically and prune to the newest `keep_last`. `data` is the
+    training data's fingerprint: a resume compares it with the data it is given."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{_STEP_PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}."))
     try:
-        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / "adapter.safetensors")
-        opt_tensors: dict = {}
-        opt_plain = _split_state(optimizer.state_dict(), "optimizer", opt_tensors, {})
-        rng_tensors, rng_plain = _rng_state()
-        save_file({k: v.contiguous().cpu() for k, v in (opt_tensors | rng_tensors).items()}, tmp / "state.safetensors")
-        state = {
-            "step": step,
-            "position": position,
-            "optimizer": opt_plain,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_plain,
-            "metrics": metrics,
-        }
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # (a checkpoint of the same step from an earlier, interrupted attempt is replaced once this one is whole)
+        with atomic_directory(final) as tmp:
+            save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / "adapter.safetensors")
+            opt_tensors: dict = {}
+            opt_plain = _split_state(optimizer.state_dict(), "optimizer", opt_tensors, {})
+            rng_tensors, rng_plain = _rng_state()
+            save_file({k: v.contiguous().cpu() for k, v in (opt_tensors | rng_tensors).items()},
+                      tmp / "state.safetensors")
+            state = {
+                "step": step,
+                "position": position,
+                "optimizer": opt_plain,
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_plain,
+                "metrics": metrics,
+                "data": data,
+            }
+            (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default) + "\n")
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        earlier = [p for p in list_checkpoints(directory) if p != final]
+        raise TrainingError(
+            f"{final}: the disk is full (no space left on device) while writing this checkpoint; "
+            + (f"the previous checkpoint {earlier[-1]} is intact: free some space and continue with --resume"
+               if earlier else "no earlier checkpoint was written: free some space and run again")) from None
     for old in list_checkpoints(directory)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -154,19 +125,73 @@ def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(_STEP_PREFIX)
-             and (p / "state.json").is_file()]
+             and p.name[len(_STEP_PREFIX):].isdigit() and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(_STEP_PREFIX):]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict:
-    """Restore a checkpoint into live objects; returns its JSON state (step, position, metrics)."""
+class DamagedCheckpoint(TrainingError):
+    """A checkpoint's files cannot be read back whole (truncated, overwritten, edited)."""
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's files, read and checked whole before anything is restored from them: {"state", "tensors",
+    "adapter"}. Raises DamagedCheckpoint saying what is wrong."""
     path = Path(path)
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(path / "state.safetensors")
         adapter = load_file(path / "adapter.safetensors")
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"{path}: checkpoint cannot be read ({e}); delete it to resume from an older one") from e
+    except (OSError, ValueError, SafetensorError) as e:
+        raise DamagedCheckpoint(f"{path}: checkpoint cannot be read ({show(str(e))})") from None
+    problem = None
+    if not isinstance(state, dict) or not {"step", "position", "optimizer", "scheduler", "rng"} <= state.keys():
+        problem = "state.json lacks the step, position, optimizer, scheduler or RNG state"
+    elif not isinstance(state["step"], int) or not isinstance(state["position"], dict) or not all(
+            isinstance(state["position"].get(k), int) for k in ("epoch", "micro")):
+        problem = "state.json's step or data position is not a whole number"
+    elif "rng.torch" not in tensors or not _tensor_refs(state["optimizer"]) <= tensors.keys():
+        problem = "state.safetensors lacks tensors that state.json refers to"
+    else:
+        broken = [name for name, value in adapter.items() if value.is_floating_point() and not value.isfinite().all()]
+        if broken:
+            problem = f"the adapter weight {broken[0]} holds NaN or infinite values"
+    if problem:
+        raise DamagedCheckpoint(f"{path}: checkpoint is damaged ({problem})")
+    return {"state": state, "tensors": tensors, "adapter": adapter}
+
+
+def _tensor_refs(value) -> set[str]:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return {value["__tensor__"]}
+        return set().union(*(_tensor_refs(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_tensor_refs(v) for v in value))
+    return set()
+
+
+def newest_intact_checkpoint(directory: Path, log=print) -> tuple[Path, dict]:
+    """The newest checkpoint that reads back whole, and its contents. A damaged newer one (a disk that filled up,
+    a copy cut short) is named in a log line and passed over; when none is intact the run cannot resume."""
+    damaged = []
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, read_checkpoint(path)
+        except DamagedCheckpoint as e:
+            damaged.append(str(e))
+            log(f"warning: {e}; resuming from an older checkpoint")
+    raise TrainingError(
+        f"{directory}: no intact checkpoint to resume from ({len(damaged)} damaged: {'; '.join(damaged[:3])}); "
+        "start the run again without --resume (with --overwrite)"
+    )
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, contents: dict | None = None) -> dict:
+    """Restore a checkpoint into live objects; returns its JSON state (step, position, metrics, data).
+    `contents` is what read_checkpoint(path) returned, when the caller has read it already."""
+    path = Path(path)
+    contents = contents or read_checkpoint(path)
+    state, tensors, adapter = contents["state"], contents["tensors"], contents["adapter"]
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in adapter]
     if missing or any(name not in params for name in adapter):
@@ -180,9 +205,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict:
                 raise TrainingError(f"{path}: {name} has shape {tuple(value.shape)} in the checkpoint, "
                                     f"{tuple(params[name].shape)} in the model; resume with the same rank")
             params[name].copy_(value)
-    optimizer.load_state_dict(_join_state(state["optimizer"], tensors))
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(tensors, state["rng"])
+    try:
+        optimizer.load_state_dict(_join_state(state["optimizer"], tensors))
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(tensors, state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise DamagedCheckpoint(f"{path}: checkpoint cannot be restored ({show(str(e))})") from None
     return state

@@ -18,6 +18,11 @@ from .errors import QLoraKitError
 from .load import DEFAULT_MODEL, QUANT_KINDS
 
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
+PARSE_SPECIAL_HELP = ("read special-token strings such as <|im_end|> inside message content as the control tokens "
+                      "they name (by default they are plain text, so content cannot forge a turn)")
+BASE_HELP = ("what the adapter's delta is added to: quantized (default), the base it was trained against, quantized "
+             "and dequantized as training did (qlorakit.json says how), so the merged model answers as the evaluated "
+             "one; or original, the unquantized source weights (adapters trained outside qlorakit need it)")
 
 
 def _train(args) -> int:
@@ -31,7 +36,7 @@ def _train(args) -> int:
         from .config import read_yaml
 
         settings = (read_yaml(args.config) if args.config else {}) | {k: v for k, v in flags.items() if v is not None}
-        demo = run_demo(progress=not args.quiet, **settings)
+        demo = run_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
         return 0 if demo["after"]["accuracy"] > demo["before"]["accuracy"] else 1
     run = train(config, overwrite=args.overwrite, progress=not args.quiet)
     print(f"adapter (PEFT format) written to {run.output.resolve()}: adapter_config.json, adapter_model.safetensors;"
@@ -59,9 +64,10 @@ def _chat(args) -> int:
 
     model, tokenizer = _load_with_adapter(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
+    special = args.parse_special_tokens
     if args.prompt is not None:
         print(generate(model, tokenizer, [history + [{"role": "user", "content": args.prompt}]],
-                       max_new_tokens=args.max_new_tokens)[0])
+                       max_new_tokens=args.max_new_tokens, parse_special_tokens=special, names=["--prompt"])[0])
         return 0
     print("chat with the model; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     turns = list(history)
@@ -78,29 +84,40 @@ def _chat(args) -> int:
             continue
         if not text.strip():
             continue
-        turns.append({"role": "user", "content": text})
-        answer = generate(model, tokenizer, [turns], max_new_tokens=args.max_new_tokens)[0]
-        turns.append({"role": "assistant", "content": answer})
+        try:
+            answer = generate(model, tokenizer, [turns + [{"role": "user", "content": text}]],
+                              max_new_tokens=args.max_new_tokens, parse_special_tokens=special, names=["chat"])[0]
+        except QLoraKitError as e:  # a conversation grown past the context: say so and keep the session
+            print(f"qlorakit: {e}", file=sys.stderr)
+            continue
+        turns += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         print(f"model> {answer}")
 
 
 def _eval(args) -> int:
     import json
 
-    from .data import load_data, read_examples
-    from .evaluate import eval_loss, exact_match, pad_id_of
+    from .data import TokenizeReport, check_trainable, read_examples, tokenize_examples
+    from .evaluate import eval_loss, exact_match, pad_id_of, prompt_and_reference
 
-    model, tokenizer = _load_with_adapter(args)
-    data = load_data(args.data, tokenizer, format=args.format, max_length=args.max_length,
-                     on_long="truncate", skip_bad_rows=args.skip_bad_rows)
-    result = {"data": args.data, "examples": len(data.train)}
-    result.update(eval_loss(model, data.train, pad_id_of(tokenizer), args.batch_size))
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']} tokens, "
-          f"{len(data.train)} examples)")
-    examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows)
+    # The data first: a missing, empty or broken file fails now, not after loading the model.
+    report = TokenizeReport()
+    examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows, report)
+    matched = examples[: args.limit] if args.limit else examples
     if fmt != "text" and not args.no_exact_match:
-        match = exact_match(model, tokenizer, examples[: args.limit] if args.limit else examples,
-                            max_new_tokens=args.max_new_tokens)
+        for example in matched:
+            prompt_and_reference(example)  # every example has a prompt to answer
+    model, tokenizer = _load_with_adapter(args)
+    items, report = tokenize_examples(tokenizer, examples, args.max_length, "assistant", "truncate", report,
+                                      args.parse_special_tokens)
+    check_trainable(items, report, args.data, "assistant")
+    result = {"data": args.data, "examples": len(items)}
+    result.update(eval_loss(model, items, pad_id_of(tokenizer), args.batch_size))
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']} tokens, "
+          f"{len(items)} examples)")
+    if fmt != "text" and not args.no_exact_match:
+        match = exact_match(model, tokenizer, matched, max_new_tokens=args.max_new_tokens,
+                            parse_special_tokens=args.parse_special_tokens)
         result["exact_match"] = match["accuracy"]
         print(f"exact match {match['accuracy']:.1%} ({match['correct']}/{match['total']})")
     if args.json:
@@ -122,7 +139,7 @@ def _merge(args) -> int:
     from .export import merge
 
     merge(args.adapter, args.output, dtype=args.dtype, model=args.model, max_shard_size=args.max_shard_size,
-          overwrite=args.overwrite)
+          overwrite=args.overwrite, base=args.base)
     print(f"merged model written to {args.output} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -130,7 +147,8 @@ def _merge(args) -> int:
 def _export_gguf(args) -> int:
     from .export import export_gguf
 
-    export_gguf(args.output, adapter=args.adapter, model=args.model, gguf_type=args.type, overwrite=args.overwrite)
+    export_gguf(args.output, adapter=args.adapter, model=args.model, gguf_type=args.type, overwrite=args.overwrite,
+                base=args.base)
     return 0
 
 
@@ -166,6 +184,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--validation", type=float, help="fraction of examples held out for evaluation (default 0)")
     g.add_argument("--validation-data", help="a separate validation file")
     g.add_argument("--packing", action=bool_flag, help="padding-free packed batches (default on)")
+    g.add_argument("--parse-special-tokens", action=bool_flag, help=PARSE_SPECIAL_HELP + " (default off)")
     g = p.add_argument_group("adapters")
     g.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
@@ -222,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "held-out exact match is printed before and after.")
     train.add_argument("config", nargs="?", help="YAML config file")
     _add_train_flags(train)
-    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
@@ -231,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(chat)
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.add_argument("--parse-special-tokens", action="store_true", help=PARSE_SPECIAL_HELP)
     chat.set_defaults(func=_chat)
 
     ev = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy of base model + adapter on data",
@@ -239,19 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "turn, output or completion).")
     _add_model_flags(ev)
     ev.add_argument("--data", required=True, help="evaluation data (same formats as train)")
-    ev.add_argument("--format", default="auto", choices=["auto", "chat", "instruction", "prompt-completion", "text"])
+    ev.add_argument("--format", default="auto", choices=["auto", "chat", "instruction", "prompt-completion", "text"],
+                    help="data format (default auto: detected from the fields)")
     ev.add_argument("--max-length", type=int, default=1024, help="tokens per example (default 1024)")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8, help="examples per forward pass for the loss (default 8)")
     ev.add_argument("--limit", type=int, help="exact match on the first N examples only")
     ev.add_argument("--no-exact-match", action="store_true", help="loss and perplexity only")
-    ev.add_argument("--skip-bad-rows", action="store_true")
+    ev.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     ev.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    ev.add_argument("--parse-special-tokens", action="store_true", help=PARSE_SPECIAL_HELP)
     ev.set_defaults(func=_eval)
 
     merge = sub.add_parser(
         "merge", help="merge an adapter into its base: a standard transformers model directory",
-        description="Add the adapter's LoRA delta (in fp32) to the base model's unquantized weights (dequantized "
-        "only when the source itself is a quantized checkpoint), layer by layer, and save safetensors shards, "
+        description="Add the adapter's LoRA delta (in fp32) to the base model's weights — by default the quantized "
+        "base it was trained against, dequantized (--base) — layer by layer, and save safetensors shards, "
         "config.json and the tokenizer with its chat template. AutoModelForCausalLM loads the result without "
         "qlorakit.")
     merge.add_argument("--adapter", required=True, help="adapter directory (a qlorakit run's --output or any PEFT "
@@ -260,10 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="saved dtype (default bf16)")
     merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    merge.add_argument("--base", default="quantized", choices=["quantized", "original"], help=BASE_HELP)
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier qlorakit output at --output (never a file qlorakit did not write)")
     merge.set_defaults(func=_merge)
 
-    export = sub.add_parser("export", help="write a model in another format (gguf)")
+    export = sub.add_parser("export", help="write a model in another format (gguf)",
+                            description="Write a trained model in another format: `qlorakit export gguf --help`.")
     formats = export.add_subparsers(dest="format", required=True)
     gguf = formats.add_parser(
         "gguf", help="a GGUF file for llama.cpp and Ollama (Llama, Mistral, Qwen2/3, SmolLM)",
@@ -274,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--model", help="a model directory to convert; with --adapter, the base to merge into")
     gguf.add_argument("--output", required=True, help="the .gguf file to write")
     gguf.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"], help="tensor type (default f16)")
-    gguf.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    gguf.add_argument("--base", default="quantized", choices=["quantized", "original"],
+                      help="with --adapter: " + BASE_HELP)
+    gguf.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier qlorakit output at --output (never a file qlorakit did not write)")
     gguf.set_defaults(func=_export_gguf)
 
     quantize = sub.add_parser(
@@ -283,16 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer; `--model DIR` in train, chat, eval and merge then loads it in any compute dtype.")
     quantize.add_argument("--model", default=DEFAULT_MODEL, help=f"source model (default {DEFAULT_MODEL})")
     quantize.add_argument("--output", required=True, help="directory to write the quantized model to")
-    quantize.add_argument("--quant", default="nf4", choices=[q for q in QUANT_KINDS if q != "none"])
+    quantize.add_argument("--quant", default="nf4", choices=[q for q in QUANT_KINDS if q != "none"],
+                          help="nf4 (default), fp4 or int8")
     quantize.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                           help="4-bit double quantization (default on)")
     quantize.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    quantize.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    quantize.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier qlorakit output at --output (never a file qlorakit did not write)")
     quantize.set_defaults(func=_quantize)
 
-    precision = sub.add_parser("precision", help="show the precision policy --dtype resolves to on this machine")
-    precision.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    precision.add_argument("--device", default="auto")
+    precision = sub.add_parser(
+        "precision", help="show the precision policy --dtype resolves to on this machine",
+        description="Print what the precision policy gives for --dtype on --device: the compute dtype, the dtype "
+        "4-bit layers dequantize to, the LoRA adapters' dtype, whether a GradScaler and autocast are used, and on "
+        "a CPU whether it has native bf16 units (what `auto` measures).")
+    precision.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                           help="compute dtype to resolve (default auto: bf16 or fp32 on a CPU, bf16 or fp16 on CUDA)")
+    precision.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     precision.set_defaults(func=_precision)
     return parser
 

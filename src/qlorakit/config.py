@@ -8,10 +8,26 @@ import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, check_number, show
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+# A config is a few dozen settings: anything far bigger is the wrong file or a YAML alias bomb ("billion laughs"),
+# which would take minutes and gigabytes to expand, copy or print.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 10_000
+MAX_SEED = 2**32 - 1
+# name: (low, high, low included, high included, typical values): the one range of each number that TrainConfig,
+# add_lora and TrainStep all check (errors.check_number), wherever the value comes from.
+OPTIMIZER_RANGES = {
+    "lr": (0.0, 1.0, False, True, "typical for LoRA: 1e-4 to 1e-3"),
+    "weight_decay": (0.0, None, True, True, "typical: 0 to 0.1"),
+    "max_grad_norm": (0.0, None, False, True, "None: no clipping; null in a config file"),
+}
+LORA_RANGES = {
+    "alpha": (0.0, None, False, True, "typical: twice the rank"),
+    "dropout": (0.0, 1.0, True, False, "typical: 0 to 0.1"),
+}
 
 
 @dataclass
@@ -33,6 +49,7 @@ class TrainConfig:
     validation: float = 0.0
     validation_data: str | None = None
     packing: bool = True
+    parse_special_tokens: bool = False  # special-token strings in message content: text (default) or control tokens
     # adapters
     rank: int = 16
     alpha: float = 32.0
@@ -78,7 +95,7 @@ class TrainConfig:
             if key not in known:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 raise ConfigError(
-                    f"{where}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                    f"{where}: unknown key {show(key)}" + (f" (did you mean {close[0]!r}?)" if close else "")
                     + f"; the keys are: {', '.join(sorted(known))}"
                 )
         config = cls(**values)
@@ -86,72 +103,123 @@ class TrainConfig:
         return config
 
     def validate(self, where: str = "config") -> None:
+        """Every field: its type (from the annotation), then its range. Numbers must be finite: a NaN or infinite
+        learning rate, norm or epoch count would otherwise train to an all-NaN adapter without a word."""
+
         def bad(key, why):
-            raise ConfigError(f"{where}: {key}={getattr(self, key)!r} {why}")
+            raise ConfigError(f"{where}: {key}={show(getattr(self, key))} {why}")
 
         for f in fields(self):
-            value, default = getattr(self, f.name), f.default
-            if value is None or default is None or f.name == "targets":
-                continue  # optional fields are checked one by one below
-            if isinstance(default, float) and isinstance(value, str):
+            value = getattr(self, f.name)
+            kinds = [k.strip() for k in str(f.type).split("|")]
+            if value is None:
+                if "None" not in kinds:
+                    bad(f.name, "must be set (it has no 'none' value)")
+                continue
+            if "float" in kinds and isinstance(value, str):
                 try:  # YAML 1.1 reads 1e-4 (no dot) as a string
                     value = float(value)
                     setattr(self, f.name, value)
                 except ValueError:
                     pass
-            if isinstance(default, bool):
-                ok = isinstance(value, bool)
-                kind = "true or false"
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-                kind = "a whole number"
-            elif isinstance(default, float):
+            if "bool" in kinds:
+                ok, kind = isinstance(value, bool), "true or false"
+            elif "int" in kinds:
+                ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+            elif "float" in kinds:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
                 kind = "a number"
+                if ok and f.name not in OPTIMIZER_RANGES and f.name not in LORA_RANGES:
+                    check_number(f.name, value, where=where)  # finite; the ranged ones are checked below
+            elif "list" in kinds:  # targets: checked below
+                ok, kind = True, ""
             else:
-                ok = isinstance(value, str)
-                kind = "a string"
+                ok, kind = isinstance(value, str), "a string"
+                if ok and not value.strip():
+                    bad(f.name, "must not be empty" + (" (leave it out for none)" if "None" in kinds else ""))
             if not ok:
-                bad(f.name, f"must be {kind}")
+                bad(f.name, f"must be {kind}" + (", or null" if "None" in kinds else "")
+                    + f", not {type(value).__name__}")
+        from .data.formats import FORMATS
+        from .data.tokenize import ON_LONG, TRAIN_ON
         from .load import QUANT_KINDS
 
-        if self.quant not in QUANT_KINDS:
-            bad("quant", f"is not a quantization; use one of {', '.join(QUANT_KINDS)}")
+        def one_of(key, choices, what):
+            if getattr(self, key) not in choices:
+                bad(key, f"is not {what}; use one of {', '.join(choices)}")
+
+        one_of("quant", QUANT_KINDS, "a quantization")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16"):
             bad("dtype", "is not a compute dtype; use auto, fp32, bf16 or fp16")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"is not a schedule; use one of {', '.join(SCHEDULES)}")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"is not an optimizer; use one of {', '.join(OPTIMIZERS)}")
+        one_of("format", ("auto", *FORMATS), "a data format")
+        one_of("train_on", TRAIN_ON, "what to train on")
+        one_of("on_long", ON_LONG, "a way to handle long examples")
+        one_of("schedule", SCHEDULES, "a schedule")
+        one_of("optimizer", OPTIMIZERS, "an optimizer")
         for key in ("batch_size", "grad_accum", "rank", "keep_last", "log_every"):
             if getattr(self, key) < 1:
                 bad(key, "must be at least 1")
         for key in ("eval_every", "save_every"):
             if getattr(self, key) < 0:
                 bad(key, "must be 0 (off) or a number of steps")
-        if self.max_grad_norm is not None and (
-            not isinstance(self.max_grad_norm, (int, float)) or self.max_grad_norm <= 0
-        ):
-            bad("max_grad_norm", "must be a positive number, or null for no clipping")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+        # The ranges of LoRA and optimizer numbers are LORA_RANGES / OPTIMIZER_RANGES, which add_lora and TrainStep
+        # check too: one rule wherever a value comes from.
+        for key, (low, high, low_ok, high_ok, hint) in {**OPTIMIZER_RANGES, **LORA_RANGES}.items():
+            check_number(key, getattr(self, key), low, high, low_ok=low_ok, high_ok=high_ok, hint=hint, where=where,
+                         allow_none=key == "max_grad_norm")
+        if self.max_steps is not None and self.max_steps < 1:
             bad("max_steps", "must be a positive whole number")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             bad("warmup_steps", "must be a whole number of steps (0 for none)")
+        if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps > self.max_steps:
+            bad("warmup_steps", f"is longer than the run (max_steps={self.max_steps}): the learning rate would "
+                "never reach lr; use fewer warmup steps")
         if self.epochs <= 0:
             bad("epochs", "must be positive")
-        if not self.lr > 0:
-            bad("lr", "must be positive (typical for LoRA: 1e-4 to 1e-3)")
-        if self.alpha <= 0:
-            bad("alpha", "must be positive (typical: twice the rank)")
-        if not 0 <= self.dropout < 1:
-            bad("dropout", "must be in [0, 1)")
-        if not 0 <= self.validation < 1:
-            bad("validation", "must be a fraction in [0, 1)")
+        if self.lr * self.weight_decay >= 1:
+            bad("weight_decay", f"times lr={self.lr:g} must be below 1: AdamW multiplies the weights by "
+                "(1 - lr * weight_decay) each step (typical weight_decay: 0 to 0.1)")
+        check_number("validation", self.validation, 0.0, 1.0, low_ok=True, high_ok=False,
+                     hint="the fraction of the data held out", where=where)
+        if self.validation and self.validation_data is not None:
+            bad("validation", f"and validation_data={show(self.validation_data)} are both given; hold out a "
+                "fraction of the training data or use a separate file, not both")
         if self.max_length < 2:
             bad("max_length", "must be at least 2 tokens")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"must be a whole number from 0 to {MAX_SEED}")
+        from .adapters import _target_modules
+
+        try:
+            _target_modules(self.targets)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class _SelfReference(Exception):
+    pass
+
+
+def _expanded_size(node, sizes: dict, open_: set) -> int:
+    """How many values a YAML node stands for once its aliases are expanded (shared nodes counted each time they
+    are used), without expanding anything."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise _SelfReference
+    open_.add(key)
+    if isinstance(node.value, list):
+        children = [n for pair in node.value for n in (pair if isinstance(pair, tuple) else (pair,))]
+        size = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    else:
+        size = 1
+    open_.discard(key)
+    sizes[key] = size
+    return size
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -160,12 +228,50 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes is far too big for a config file (at most {MAX_YAML_BYTES:,}); "
+                          "a qlorakit config is a short mapping of settings — is this the right file?")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()[:MAX_YAML_BYTES].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); a config is YAML text") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        # Composed once: the node graph is checked (alias expansion, duplicate keys), then the values are built
+        # from that same graph.
+        node = loader.get_single_node()
+        if node is not None:
+            try:
+                count = _expanded_size(node, {}, set())
+            except _SelfReference:
+                raise ConfigError(f"{path}: a YAML alias refers to itself (a value that contains itself); write the "
+                                  "values out instead of using anchors (&) and aliases (*)") from None
+            if count > MAX_YAML_VALUES:
+                raise ConfigError(
+                    f"{path}: the YAML's aliases expand to {count:,} values (at most {MAX_YAML_VALUES:,}): a "
+                    "config is a short mapping of settings; write the values out instead of using anchors (&) and "
+                    "aliases (*)"
+                )
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, _ in node.value:
+                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                    if name is not None and name in seen:
+                        raise ConfigError(
+                            f"{path} line {key_node.start_mark.line + 1}: key {show(name)} is given twice (first on "
+                            f"line {seen[name]}); YAML would silently keep only the last — keep one"
+                        )
+                    seen[name] = key_node.start_mark.line + 1
+        values = loader.construct_document(node) if node is not None else None
+    except RecursionError:  # PyYAML composes nested values recursively
+        raise ConfigError(f"{path}: values nested too deeply; a config is a flat mapping of settings") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or show(str(e))})") from None
+    finally:
+        loader.dispose()
     if values is None:
         return {}
     if not isinstance(values, dict):

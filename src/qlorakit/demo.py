@@ -63,8 +63,9 @@ DEMO_SETTINGS = dict(max_steps=30, batch_size=8, lr=1e-3, schedule="cosine", war
                      output="qlorakit-demo")
 
 
-def run_demo(log=print, progress: bool = True, n_heldout: int = 60, **overrides) -> dict:
+def run_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: bool = False, **overrides) -> dict:
     """Fine-tune the default model on the built-in task and report held-out exact match before and after.
+    An earlier demo run in the output directory is replaced only with `overwrite`, as any run.
 
     Returns {"before": ..., "after": ..., "output": ..., "seconds": ...}."""
     import time
@@ -73,10 +74,16 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, **overrides)
     from .data import read_examples
     from .evaluate import exact_match
     from .load import load
+    from .outputs import check_output
     from .train import train
 
     started = time.perf_counter()
-    config = TrainConfig.build(None, **(DEMO_SETTINGS | {k: v for k, v in overrides.items() if v is not None}))
+    settings = DEMO_SETTINGS | {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("warmup_steps") is None and isinstance(settings["max_steps"], int):
+        settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"])  # `--max-steps 2` works
+    config = TrainConfig.build(None, **settings)
+    check_output(config.output, "train", overwrite, config.resume, earlier=(  # before the minutes of loading
+        "replace it with `qlorakit train --overwrite`, or choose another --output"))
     model, tokenizer = load(config.model, quant=config.quant, double_quant=config.double_quant, dtype=config.dtype,
                             device=config.device)
     train_rows, heldout_rows = demo_rows(n_heldout=n_heldout, seed=config.seed)
@@ -85,7 +92,7 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, **overrides)
     before = exact_match(model, tokenizer, heldout, max_new_tokens=24)
     log(f"held-out exact match before training: {before['accuracy']:.0%} ({before['correct']}/{before['total']}); "
         f"e.g. {before['samples'][0]['answer']!r} for {before['samples'][0]['reference']!r}")
-    result = train(config, loaded=(model, tokenizer), demo_data=(train_rows, heldout_rows), overwrite=True,
+    result = train(config, loaded=(model, tokenizer), demo_data=(train_rows, heldout_rows), overwrite=overwrite,
                    log=log, progress=progress)
     after = exact_match(result.model, tokenizer, heldout, max_new_tokens=24)
     seconds = time.perf_counter() - started

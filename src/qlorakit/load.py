@@ -7,18 +7,18 @@ bitsandbytes, or the name of the default model. Nothing is ever downloaded: qlor
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import contextlib
+import importlib.util
 import logging
+import math
+import mmap
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, SourceError
+from .errors import ConfigError, SourceError, show
 from .precision import Precision, dtype_name, own_weight
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -65,7 +65,7 @@ def _write_gguf_origin(gguf_path: Path, directory: Path) -> None:
     rebuilds a generic byte-level pre-tokenizer), which a GGUF export of this model must carry again."""
     import gguf
 
-    from .checkpoint import atomic_write_json
+    from .outputs import atomic_write_json
 
     field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
     atomic_write_json(directory / GGUF_ORIGIN, {"file": str(gguf_path),
@@ -78,6 +78,120 @@ def gguf_origin(directory: Path) -> dict:
 
     path = Path(directory) / GGUF_ORIGIN
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+_GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def check_gguf_file(path: Path) -> list[str]:
+    """Walk a GGUF file's header with every length checked against the file's size, before anything reads it.
+
+    gguf's reader and transformers trust the counts a header declares: a truncated file fails deep inside them
+    (struct.error), and counts no file of this size could hold make them loop or allocate without end. Here each
+    count is bounded by the bytes left, so the walk is linear in the file's size, and every declared tensor must
+    lie inside the file. Raises SourceError naming the file and what is wrong; returns the metadata keys."""
+    size = path.stat().st_size
+
+    def bad(why: str) -> SourceError:
+        return SourceError(f"{path}: not a usable GGUF file ({why}); re-download or re-export it")
+
+    if size < 24:
+        raise bad(f"it is {size} bytes long, shorter than a GGUF header")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _walk_gguf_header(data, size, bad)
+
+
+def _walk_gguf_header(data, size: int, bad) -> list[str]:
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as T
+
+    scalar_sizes = {T.UINT8: 1, T.INT8: 1, T.BOOL: 1, T.UINT16: 2, T.INT16: 2, T.UINT32: 4, T.INT32: 4,
+                    T.FLOAT32: 4, T.UINT64: 8, T.INT64: 8, T.FLOAT64: 8}
+    offset = 0
+
+    def take(n: int) -> bytes:
+        nonlocal offset
+        if n < 0 or offset + n > len(data):
+            raise bad(f"the header ends early at byte {offset} of {size}: the file is truncated or damaged")
+        chunk = data[offset:offset + n]
+        offset += n
+        return chunk
+
+    def count(what: str, least_bytes: int) -> int:
+        n = struct.unpack("<Q", take(8))[0]
+        if n * least_bytes > size - offset:
+            raise bad(f"it declares {n} {what}, more than its {size} bytes can hold: the file is truncated or damaged")
+        return n
+
+    def string(what: str) -> str:
+        raw = take(count(f"bytes in {what}", 1))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad(f"{what} at byte {offset - len(raw)} is not UTF-8") from None
+
+    def value(kind: int, key: str) -> None:
+        if kind == T.STRING:
+            take(count(f"bytes in the value of {show(key)}", 1))
+        elif kind == T.ARRAY:
+            item = struct.unpack("<I", take(4))[0]
+            if item not in scalar_sizes and item != T.STRING:
+                raise bad(f"the array {show(key)} has elements of type {item}, which GGUF readers do not take")
+            n = count(f"elements in {show(key)}", scalar_sizes.get(item, 8))
+            if item == T.STRING:
+                for _ in range(n):
+                    take(count(f"bytes in an element of {show(key)}", 1))
+            else:
+                take(n * scalar_sizes[item])
+        elif kind in scalar_sizes:
+            take(scalar_sizes[kind])
+        else:
+            raise bad(f"the value of {show(key)} has an unknown type {kind}")
+
+    if take(4) != b"GGUF":
+        raise bad("it does not start with the GGUF magic bytes")
+    version = struct.unpack("<I", take(4))[0]
+    if version not in (2, 3):
+        raise bad(f"GGUF version {version}; readers support versions 2 and 3")
+    n_tensors = count("tensors", 8 + 4 + 8 + 4 + 8)  # the smallest tensor record
+    n_kv = count("metadata keys", 8 + 4)
+    alignment = 32
+    keys = []
+    for _ in range(n_kv):
+        key = string("a metadata key")
+        keys.append(key)
+        kind = struct.unpack("<I", take(4))[0]
+        start = offset
+        value(kind, key)
+        if key == "general.alignment" and kind == T.UINT32:
+            alignment = struct.unpack("<I", data[start:start + 4])[0]
+            if alignment == 0 or alignment & (alignment - 1):
+                raise bad(f"general.alignment is {alignment}, not a power of two")
+    if n_tensors == 0:
+        raise bad("it declares no tensors: it holds no model weights")
+    tensors = []
+    for _ in range(n_tensors):
+        name = string("a tensor name")
+        n_dims = struct.unpack("<I", take(4))[0]
+        if not 1 <= n_dims <= _GGUF_MAX_DIMS:
+            raise bad(f"tensor {show(name)} has {n_dims} dimensions")
+        dims = struct.unpack(f"<{n_dims}Q", take(8 * n_dims))
+        kind, tensor_offset = struct.unpack("<IQ", take(12))
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            raise bad(f"tensor {show(name)} has an unknown type {kind}") from None
+        elements = math.prod(dims)
+        if elements % block:
+            raise bad(f"tensor {show(name)} has {elements} elements, not a whole number of {block}-element blocks")
+        tensors.append((name, tensor_offset, elements // block * block_bytes))
+    data_start = offset + (-offset % alignment)
+    for name, tensor_offset, nbytes in tensors:
+        if data_start + tensor_offset + nbytes > size:
+            raise bad(f"tensor {show(name)} ends at byte {data_start + tensor_offset + nbytes}, past the file's end at "
+                      f"{size}: the file is truncated")
+    return keys
 
 
 def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
@@ -97,6 +211,7 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_file(gguf_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, device_map={"": "cpu"}
@@ -112,19 +227,20 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        _write_gguf_origin(gguf_path, staging)
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    from .outputs import atomic_directory, is_disk_full
+
+    try:  # (staged beside the target, locked; a killed conversion's staging goes at the next one)
+        # A complete conversion another process put there first stays; an incomplete directory is replaced.
+        with atomic_directory(target, replace=target.exists()) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            _write_gguf_origin(gguf_path, staging)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise SourceError(f"{gguf_path}: the disk is full (no space left on device) while converting it into the "
+                          f"cache at {target.parent}; the partial conversion was removed. Free some space (or set "
+                          "QLORAKIT_CACHE to a directory on another disk) and run again") from None
     return target
 
 
@@ -255,9 +371,10 @@ def load(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if quant not in QUANT_KINDS:
-        raise ConfigError(f"quant={quant!r} is not a quantization qlorakit knows; use one of {', '.join(QUANT_KINDS)}")
+        raise ConfigError(f"quant={show(quant)} is not a quantization qlorakit knows; use one of "
+                          f"{', '.join(QUANT_KINDS)}")
     if not isinstance(double_quant, bool):
-        raise ConfigError(f"double_quant={double_quant!r} must be True or False")
+        raise ConfigError(f"double_quant={show(double_quant)} must be True or False")
     precision = Precision.resolve(dtype, device=device)
     directory = resolve_source(source)
 

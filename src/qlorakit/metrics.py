@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .outputs import atomic_file, atomic_write_text
 
 
 class MetricsLog:
@@ -55,9 +55,31 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)
+
+
+def still_falling(records: list[dict], threshold: float = 0.1) -> str | None:
+    """A hint when the training loss was still falling steeply at the end of the run, else None.
+
+    A least-squares line through the loss of the second half of the steps (at least 4; per-step losses are noisy)
+    says how much lower another stretch that long would end; when that is more than `threshold` of the current
+    loss, the run stopped while it was still learning fast — too few steps or too low a learning rate (a short run
+    at the default lr can teach a narrow task nothing and say nothing)."""
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("skipped") is not True]
+    n = max(4, len(losses) // 2)
+    if len(losses) < 8:
+        return None
+    steps, values = zip(*losses[-n:])
+    mean_step, mean_loss = sum(steps) / n, sum(values) / n
+    slope = sum((s - mean_step) * (v - mean_loss) for s, v in zip(steps, values)) / sum(
+        (s - mean_step) ** 2 for s in steps)
+    span = steps[-1] - steps[0]
+    drop = -slope * span / mean_loss if mean_loss > 0 else 0.0
+    if not drop > threshold:
+        return None
+    return (f"the training loss was still falling steeply at the end (about {drop:.0%} over the last {n} steps, "
+            f"to {values[-1]:.4f}): this run may be too short to have learned the task. Train longer (--max-steps "
+            f"or --epochs) or with a higher learning rate (--lr), and compare the held-out results")

@@ -47,6 +47,27 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _SHORT.get(dtype, str(dtype).replace("torch.", ""))
 
 
+# -- the quantized base: what qlorakit.load does, and merge's QuantizedBase rebuilds one tensor at a time ---------
+
+
+def frozen_dtype(compute: torch.dtype) -> torch.dtype:
+    """The dtype a frozen floating weight (norm, embedding, unquantized layer) is held in: the compute dtype."""
+    return compute
+
+
+def quantized_from(quant: str, compute: torch.dtype) -> torch.dtype:
+    """The dtype a weight is in when bitsandbytes quantizes it at load: the frozen dtype for 4-bit (transformers
+    loads in the compute dtype, then Params4bit quantizes); fp16 for LLM.int8, whose Int8Params casts to fp16
+    before computing its row scales whatever the load dtype."""
+    return torch.float16 if quant == "int8" else frozen_dtype(compute)
+
+
+def dequantized_to(quant: str, compute: torch.dtype) -> torch.dtype:
+    """The dtype a quantized weight dequantizes to in training: the compute dtype (rule 1 for 4-bit layers, whose
+    stored quant_state.dtype is rewritten to it; int8 layers' dequantized rows enter the compute-dtype matmul)."""
+    return compute
+
+
 # ---------------------------------------------------------------------------------------------- hardware
 
 
@@ -227,7 +248,7 @@ class Precision:
         Quantized storage and buffers (rotary frequencies stay fp32) are left alone.
         """
         for _, module in _linear4bit_modules(model):
-            module.weight.quant_state.dtype = self.compute
+            module.weight.quant_state.dtype = dequantized_to(module.weight.quant_type, self.compute)
             module.compute_dtype = self.compute
             module.compute_type_is_set = True
             # bitsandbytes would otherwise repack the weight for its AVX512-BF16 inference kernel the first time
@@ -240,7 +261,7 @@ class Precision:
         for _, param in model.named_parameters():
             if _is_quantized_param(param):
                 continue
-            target = self.adapter if param.requires_grad else self.compute
+            target = self.adapter if param.requires_grad else frozen_dtype(self.compute)
             if param.dtype != target:
                 param.data = param.data.to(target)
         return model

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import OPTIMIZER_RANGES, TrainConfig
 from .data import IGNORE_INDEX, Batch, TrainingData, collate, load_data, micro_batches
-from .errors import ConfigError, DataError, TrainingError
+from .errors import ConfigError, DataError, TrainingError, check_number, show
 from .loss import batch_loss, causal_lm_loss
 from .precision import precision_of
 
@@ -43,6 +42,13 @@ class TrainStep:
 
     def __init__(self, model, lr: float = 2e-4, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  optimizer: torch.optim.Optimizer | None = None):
+        _check_number("max_grad_norm", max_grad_norm, allow_none=True)
+        if optimizer is None:
+            _check_number("lr", lr)
+            _check_number("weight_decay", weight_decay)
+        else:
+            for group in optimizer.param_groups:
+                _check_number("lr", group.get("lr"), name="the optimizer's lr")
         self.model = model
         self.precision = precision_of(model)
         self.scaler = self.precision.grad_scaler()
@@ -82,6 +88,15 @@ class TrainStep:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             skipped = self.scaler.get_scale() < scale_before
+            if skipped:  # inf/NaN gradients are fp16's normal overflow, unless the weights themselves are NaN
+                broken = non_finite_parameter(self.model)
+                if broken:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise TrainingError(
+                        f"the trainable parameter {broken} holds NaN or infinite values under "
+                        f"{self.precision.describe()}, so every further step would be skipped. Lower the learning "
+                        "rate or check the data"
+                    )
         else:
             if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -95,6 +110,61 @@ class TrainStep:
             skipped = False
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss_total, tokens=total_tokens, grad_norm=grad_norm, skipped=skipped)
+
+
+def _check_number(key: str, value, name: str | None = None, allow_none: bool = False) -> None:
+    """TrainConfig's range for `key` (config.OPTIMIZER_RANGES), except that lr may be 0 here: a step that computes
+    gradients without moving the weights is a use of TrainStep (a training run needs lr > 0)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # torch optimizers accept a tensor lr
+        value = float(value)
+    low, high, low_ok, high_ok, hint = OPTIMIZER_RANGES[key]
+    check_number(name or key, value, low, high, low_ok=low_ok or key == "lr", high_ok=high_ok, hint=hint,
+                 allow_none=allow_none)
+
+
+def non_finite_parameter(model) -> str | None:
+    """The name of the first trainable parameter holding NaN or inf, or None when all are finite."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            return name
+    return None
+
+
+def _data_fingerprint(data: TrainingData) -> dict:
+    """What makes a resumed run the same run: the token ids and labels of every example, in order (hashed, so
+    cheap to keep), with counts to say what changed when they differ."""
+    import hashlib
+    from array import array
+
+    def of(items) -> dict:
+        digest = hashlib.sha256()
+        tokens = trained = 0
+        for item in items:
+            ids, labels = array("q", item.input_ids), array("q", item.labels)
+            digest.update(array("q", [len(ids)]).tobytes() + ids.tobytes() + labels.tobytes())
+            tokens += len(ids)
+            trained += len(item.labels[1:]) - item.labels[1:].count(IGNORE_INDEX)  # item.trained_tokens, faster
+        return {"examples": len(items), "tokens": tokens, "trained_tokens": trained, "sha256": digest.hexdigest()}
+
+    return {"train": of(data.train), "validation": of(data.validation)}
+
+
+def _data_change(saved: dict, now: dict) -> str | None:
+    """How the data `now` differs from the `saved` fingerprint, in words; None when it is the same."""
+    for part in ("train", "validation"):
+        a, b = saved.get(part), now[part]
+        if a is None or a == b:
+            continue
+        name = "training" if part == "train" else "validation"
+        if a["examples"] != b["examples"]:
+            return f"the {name} data now gives {b['examples']} examples; the run was started on {a['examples']}"
+        for key, words in (("tokens", "tokens"), ("trained_tokens", "trained (label) tokens")):
+            if a[key] != b[key]:
+                return (f"the {b['examples']} {name} examples now hold {b[key]:,} {words}; the run was started "
+                        f"with {a[key]:,}")
+        return (f"the {b['examples']} {name} examples have as many tokens as before but different token ids or "
+                "labels (rows edited or reordered, or another tokenizer or chat template)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -191,25 +261,20 @@ class _MicroBatchStream:
         return out
 
 
-def _prepare_output(out: Path, config: TrainConfig, overwrite: bool) -> None:
-    """Refuse to mix a new run into an old one's directory (its checkpoints would be lost or mixed up)."""
+def _prepare_output(out: Path, config: TrainConfig, overwrite: bool):
+    """Claim the run directory for this run (outputs.py: the lock, held until the run ends; a foreign directory,
+    an earlier run without --overwrite or --resume, or a live run in it is refused). Changes no earlier file."""
     from .checkpoint import list_checkpoints
+    from .outputs import claim_run_directory
 
-    if config.resume:
-        if not list_checkpoints(out / "checkpoints"):
-            raise TrainingError(
-                f"{out}: no checkpoint to resume from (checked {out / 'checkpoints'}); point --output at the "
-                "interrupted run, or start without --resume"
-            )
-        return
-    if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
-        if not overwrite:
-            raise TrainingError(
-                f"{out}: holds an earlier run (checkpoints or metrics.jsonl); continue it with --resume, choose "
-                "another --output, or replace it with --overwrite"
-            )
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    claim = claim_run_directory(out, overwrite=overwrite, resume=config.resume)
+    if config.resume and not list_checkpoints(out / "checkpoints"):
+        claim.release(refused=True)  # (and leaves no directory or marker it made behind)
+        raise TrainingError(
+            f"{out}: no checkpoint to resume from (checked {out / 'checkpoints'}); point --output at the "
+            "interrupted run, or start without --resume"
+        )
+    return claim
 
 
 def _check_resumable(out: Path, config: TrainConfig) -> None:
@@ -219,14 +284,22 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
     saved_path = out / "config.json"
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
-    fixed = ("model", "data", "quant", "double_quant", "rank", "targets", "seed", "batch_size", "grad_accum",
-             "max_length", "packing", "train_on", "format")
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{saved_path}: the run's saved settings cannot be read ({show(str(e))}), so --resume "
+                            "cannot check it continues the same run; start a new run (--overwrite)") from None
+    if not isinstance(saved, dict):
+        raise TrainingError(f"{saved_path}: not the run's saved settings (a JSON object); start a new run "
+                            "(--overwrite)")
+    fixed = ("model", "data", "quant", "double_quant", "rank", "alpha", "rslora", "targets", "adapter", "seed",
+             "batch_size", "grad_accum", "max_length", "packing", "train_on", "format",
+             "parse_special_tokens")
     changed = [k for k in fixed if k in saved and saved[k] != getattr(config, k)]
     if changed:
         k = changed[0]
         raise TrainingError(
-            f"{out}: --resume with {k}={getattr(config, k)!r}, but the run was started with {k}={saved[k]!r}; "
+            f"{out}: --resume with {k}={show(getattr(config, k))}, but the run was started with {k}={show(saved[k])}; "
             f"a resumed run must keep {', '.join(fixed)}"
         )
 
@@ -238,30 +311,64 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     `config` is a TrainConfig, a YAML path, or None (defaults); `overrides` are TrainConfig fields
     (`train(model="...", data="train.jsonl")`). `loaded` = (model, tokenizer) from qlorakit.load, without adapters,
     skips loading. `demo_data` = (train rows,
-    validation rows) stands in for `config.data` (the built-in task uses it).
+    validation rows) stands in for `config.data` (the built-in task uses it). `overwrite` replaces an earlier run
+    in the output directory, once this one has its first checkpoint (or its adapter).
     """
+    from .outputs import is_disk_full
+
+    held = []  # the output's claim, taken by _train once the config is known; released however the run ends
+    try:
+        return _train(config, loaded=loaded, overwrite=overwrite, log=log, progress=progress, demo_data=demo_data,
+                      held=held, **overrides)
+    except OSError as e:
+        if not (held and is_disk_full(e)):
+            raise
+        from .checkpoint import list_checkpoints
+
+        out = held[0].path
+        restored = held.pop().release()  # an earlier run this one was replacing is back in place
+        kept = list_checkpoints(out / "checkpoints")
+        raise TrainingError(
+            f"{out}: the disk is full (no space left on device) while writing the run's files; " + (
+                "this run had no checkpoint yet and the earlier run there is back as it was: free some space and "
+                "run again" if restored else
+                f"the last checkpoint {kept[-1]} is intact: free some space and continue with --resume" if kept
+                else "free some space and run again")) from None
+    finally:
+        for claim in held:
+            claim.release()
+
+
+def _train(config, *, loaded, overwrite, log, progress, demo_data, held: list, **overrides) -> RunResult:
+    """The run, top to bottom; its output's claim goes into `held`, which train() releases."""
     from .adapters import add_lora, load_adapter
-    from .checkpoint import atomic_write_json, list_checkpoints, load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, newest_intact_checkpoint, save_checkpoint
     from .evaluate import eval_loss, pad_id_of
     from .load import load, quantization_summary
-    from .metrics import MetricsLog, plot_loss_curve
+    from .metrics import MetricsLog, plot_loss_curve, still_falling
+    from .outputs import atomic_write_json
     from .precision import resolve_device
 
     if not isinstance(config, TrainConfig):
         config = TrainConfig.build(config, **overrides)
     elif overrides:
         config = TrainConfig.from_dict(config.to_dict() | {k: v for k, v in overrides.items() if v is not None})
+    else:
+        config.validate()  # a TrainConfig made or changed in Python has not been checked yet
     cfg = config
     out = Path(cfg.output)
-    _prepare_output(out, cfg, overwrite)
+    output = _prepare_output(out, cfg, overwrite)
+    held.append(output)
+    resume_from = resume_contents = None
     if cfg.resume:
         _check_resumable(out, cfg)
+        resume_from, resume_contents = newest_intact_checkpoint(out / "checkpoints", log)
     if cfg.data is not None and demo_data is None:
-        from .data.files import file_kind
+        from .data.files import check_data_file
 
-        if not Path(cfg.data).expanduser().exists():  # before minutes of model loading
-            raise DataError(f"{cfg.data}: data file not found; check the path given to --data")
-        file_kind(Path(cfg.data).expanduser())
+        check_data_file(cfg.data)  # missing, unreadable, a FIFO...: before minutes of model loading
+        if cfg.validation_data is not None:
+            check_data_file(cfg.validation_data, "--validation-data")
     if cfg.adapter is not None:
         from .adapters import read_adapter_info
 
@@ -288,16 +395,31 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     if demo_data is not None:
         rows, held = demo_data
         data = load_data(rows, tokenizer, cfg.format, cfg.max_length, cfg.train_on, cfg.on_long,
-                         validation_source=held, seed=cfg.seed, name="built-in task")
+                         validation_source=held, seed=cfg.seed, name="built-in task",
+                         parse_special_tokens=cfg.parse_special_tokens)
     elif cfg.data is None:
         raise ConfigError("no training data: pass --data FILE (or data: in the YAML config)")
     else:
         data = load_data(cfg.data, tokenizer, cfg.format, cfg.max_length, cfg.train_on, cfg.on_long,
-                         cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed)
+                         cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed,
+                         parse_special_tokens=cfg.parse_special_tokens)
     log(f"data: {cfg.data or 'built-in task'} ({data.format}): {data.report.describe()}"
         + (f"; {len(data.validation)} held out for evaluation" if data.validation else ""))
     for skipped in data.report.skipped_rows[:5]:
         log(f"  skipped: {skipped}")
+    fingerprint = _data_fingerprint(data)
+    if resume_contents is not None:
+        saved = resume_contents["state"].get("data")
+        change = _data_change(saved, fingerprint) if isinstance(saved, dict) else None
+        if change:
+            raise TrainingError(
+                f"{out}: --resume with different data than {resume_from} was trained on: {change}. A resumed run "
+                f"must see the same data: restore {cfg.data or 'the data'}, or start a new run (another --output, "
+                "or --overwrite)"
+            )
+        if not isinstance(saved, dict):
+            log(f"warning: {resume_from} does not record its data (an older qlorakit wrote it); the data cannot be "
+                "checked to be the same")
 
     # 3. Adapters (the base stays frozen and quantized): fresh ones, or an existing adapter trained further.
     if cfg.adapter is not None:
@@ -318,9 +440,20 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
 
     # 4. Optimizer and schedule.
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    if cfg.grad_accum > micro_per_epoch:  # a step's micro-batches are all held at once: bound them by the data
+        raise ConfigError(
+            f"grad_accum={cfg.grad_accum} is more micro-batches than the data holds ({len(data.train)} examples in "
+            f"batches of {cfg.batch_size}: {micro_per_epoch}); one optimizer step would pass over the data more than "
+            f"once: use grad_accum of at most {micro_per_epoch}"
+        )
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * total_steps)
+    if warmup > total_steps:
+        raise ConfigError(
+            f"warmup_steps={warmup} is longer than the run ({total_steps} steps): the learning rate would never "
+            "reach lr; use fewer warmup steps"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     step_fn = TrainStep(model, optimizer=optimizer, max_grad_norm=cfg.max_grad_norm)
@@ -329,10 +462,16 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     # 5. Resume: weights, optimizer, schedule, scaler, RNG and data position from the newest checkpoint.
     start_step, position, last_checkpoint = 0, {"epoch": 0, "micro": 0}, None
     if cfg.resume:
-        last_checkpoint = list_checkpoints(out / "checkpoints")[-1]
-        state = load_checkpoint(last_checkpoint, model, optimizer, scheduler, step_fn.scaler)
+        last_checkpoint = resume_from
+        state = load_checkpoint(last_checkpoint, model, optimizer, scheduler, step_fn.scaler, resume_contents)
+        resume_contents = None  # its tensors are in the model and optimizer now
+        # The optimizer's saved learning rate is the old schedule's for this step; a resume that changes the run's
+        # length (max_steps, epochs) must continue on the new schedule, as a run of that length would.
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
         start_step, position = state["step"], state["position"]
         log(f"resumed from {last_checkpoint} (step {start_step} of {total_steps})")
+    output.replace_previous()  # every check has passed: an earlier run moves aside, the new one starts writing
     atomic_write_json(out / "config.json", cfg.to_dict())
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if cfg.resume else None)
     stream = _MicroBatchStream(data.train, cfg.batch_size, cfg.seed, pad_id, cfg.packing, position)
@@ -344,14 +483,27 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
 
         bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
     result, last_eval, started = None, None, time.perf_counter()
+
+    def last_good() -> str:
+        return f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+
+    def refuse_non_finite(step: int, what: str) -> None:
+        # Never write NaN weights: a checkpoint would poison every resume, an adapter every later use.
+        broken = non_finite_parameter(model)
+        if broken:
+            where = last_good()
+            raise TrainingError(
+                f"step {step}: the trainable parameter {broken} holds NaN or infinite values, so the {what} was not "
+                f"written; {where}. Lower the learning rate (lr={cfg.lr:g}) or check the data"
+            )
+
     for step in range(start_step + 1, total_steps + 1):
         batches = stream.take(cfg.grad_accum)
         tick = time.perf_counter()
         try:
             result = step_fn.run(batches)
         except TrainingError as e:
-            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-            raise TrainingError(f"step {step}: {e}; {where}") from None
+            raise TrainingError(f"step {step}: {e}; {last_good()}") from None
         scheduler.step()
         seconds = time.perf_counter() - tick
         real_tokens = sum(b.real_tokens for b in batches)
@@ -369,12 +521,15 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
             last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing)
             metrics.write({"step": step, "eval_loss": last_eval["loss"], "eval_perplexity": last_eval["perplexity"]})
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+            refuse_non_finite(step, "checkpoint")
             last_checkpoint = save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                                              step_fn.scaler, stream.position, record, cfg.keep_last)
+                                              step_fn.scaler, stream.position, record, cfg.keep_last, fingerprint)
+            output.commit()  # the new run can go on from here: an earlier run it replaces is deleted
     if bar is not None:
         bar.close()
 
     # 7. Outputs: final evaluation, the adapter (PEFT format), metrics, loss curve.
+    refuse_non_finite(total_steps, "adapter")
     if data.validation:
         last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing)
         metrics.write({"step": total_steps, "eval_loss": last_eval["loss"],
@@ -382,25 +537,24 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
         log(f"validation: loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f} "
             f"({last_eval['tokens']} tokens)")
     save_adapter(model, out, cfg, precision, data)
+    output.commit()
     records = metrics.read()
     plot_loss_curve(records, out / "loss.png", title=f"{Path(str(cfg.model)).name} r={cfg.rank}")
+    hint = still_falling(records)
+    if hint:
+        log(f"note: {hint}")
     final_loss = result.loss if result is not None else None
     return RunResult(out, total_steps, final_loss, last_eval, data.report.describe(), model, tokenizer, records)
 
 
 def save_adapter(model, out: Path, cfg: TrainConfig, precision, data: TrainingData | None = None) -> Path:
     """The adapter in PEFT format (adapter_config.json + adapter_model.safetensors) plus qlorakit.json (how to
-    load the base again), each file written atomically."""
-    import os
-    import tempfile
-
-    from .checkpoint import atomic_write_json
+    load the base again), each file written atomically (staged in a temporary directory, then moved into place)."""
+    from .outputs import atomic_write_json, staged_files
     from .precision import dtype_name
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
-    try:
+    with staged_files(out) as tmp:
         peft_config = model.peft_config["default"]
         base_path = peft_config.base_model_name_or_path
         peft_config.base_model_name_or_path = str(cfg.model)  # the source as given, not a cache directory
@@ -408,10 +562,6 @@ def save_adapter(model, out: Path, cfg: TrainConfig, precision, data: TrainingDa
             model.save_pretrained(tmp)
         finally:
             peft_config.base_model_name_or_path = base_path
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_json(out / "qlorakit.json", {
         "base_model": str(cfg.model), "quant": cfg.quant, "double_quant": cfg.double_quant,
         "dtype": dtype_name(precision.compute), "adapter_dtype": dtype_name(precision.adapter),

@@ -1,11 +1,14 @@
 """Data files -> rows, each with the place it came from ("train.jsonl line 12"), so every later error can point
 at it. JSONL, JSON (a list of objects, or an object holding one), CSV, Parquet, and a directory saved with
-`datasets.Dataset.save_to_disk`."""
+`datasets.Dataset.save_to_disk`. Text files must be UTF-8; an empty CSV cell is a missing value (CSV has no null)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +16,9 @@ from pathlib import Path
 from ..errors import DataError
 
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Rows are flat objects; nothing legitimate nests this deep, and deeper values would overflow Python's recursion
+# in the JSON parser (and in any repr of them).
+MAX_JSON_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,11 @@ def file_kind(path: Path) -> str:
             f"{path}: a directory that is not a saved `datasets` dataset (no dataset_info.json / state.json); "
             "pass a .jsonl, .json, .csv or .parquet file, or a directory written by Dataset.save_to_disk"
         )
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever, a device never ends
+        raise DataError(
+            f"{path}: not a regular file but a {_special_kind(path)}; qlorakit reads data from regular files "
+            "only: save the data to a file and pass its path"
+        )
     kind = FILE_KINDS.get(path.suffix.lower())
     if kind is None:
         raise DataError(
@@ -38,21 +49,105 @@ def file_kind(path: Path) -> str:
     return kind
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Every row of a data file, in order. An unreadable file or row is a DataError naming the file and line."""
+def _special_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def check_data_file(path: str | Path, option: str = "--data") -> str:
+    """The kind of a data file, after making sure it exists, is a regular file (or a saved dataset directory) and
+    can be opened — cheap checks to run before minutes of model loading. Returns the kind ("jsonl", ...)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"{path}: data file not found; check the path given to --data")
+        raise DataError(f"{path}: data file not found; check the path given to {option}")
     kind = file_kind(path)
-    rows = list(_READERS[kind](path))
+    if kind != "datasets":
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise _unreadable(path, e) from None
+    return kind
+
+
+def _unreadable(path: Path, e: OSError) -> DataError:
+    return DataError(f"{path}: cannot read the data file ({e.strerror or e}); check its permissions")
+
+
+def read_rows(path: str | Path, option: str = "--data") -> list[Row]:
+    """Every row of a data file, in order. An unreadable file or row is a DataError naming the file and line."""
+    path = Path(path).expanduser()
+    kind = check_data_file(path, option)
+    try:
+        rows = list(_READERS[kind](path))
+    except OSError as e:
+        raise _unreadable(path, e) from None
     if not rows:
-        raise DataError(f"{path}: the file holds no rows; a training file needs at least one example")
+        raise DataError(f"{path}: the file holds no rows; a data file needs at least one example")
     return rows
 
 
+def _decode(path: Path, data: bytes, line: int | None = None) -> str:
+    """`data` as text; invalid UTF-8 is a DataError naming the line (`line` when `data` is one line)."""
+    try:
+        return data.decode("utf-8-sig" if line in (None, 1) else "utf-8")
+    except UnicodeDecodeError as e:
+        data = e.object  # positions count from after a byte order mark
+        if line is None:
+            line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path} line {line}: not valid UTF-8 (byte {data[e.start]:#04x} at byte {column} of the line); "
+            "save the file as UTF-8"
+        ) from None
+
+
+_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{\]},]')
+
+
+def _too_deep_at(text: str, limit: int, items_at: int = 1) -> tuple[int, int | None] | None:
+    """Where JSON text first nests more than `limit` lists and objects deep (strings skipped): (the offset of that
+    bracket, the index of the element it lies in within the list opened at depth `items_at`, None outside it), or
+    None. The one depth check of JSON data; the line number is counted from the offset only for a message."""
+    if text.count("[") + text.count("{") <= limit:  # the common case, without walking the text
+        return None
+    depth, index, in_items = 0, 0, False
+    for match in _JSON_TOKENS.finditer(text):
+        char = match.group()[0]
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return match.start(), index if in_items else None
+            if depth == items_at and char == "[":
+                index, in_items = 0, True
+        elif char in "]}":
+            if depth == items_at:
+                in_items = False
+            depth -= 1
+        elif char == "," and depth == items_at:
+            index += 1
+    return None
+
+
+def _line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _too_deep_error(where: str) -> DataError:
+    return DataError(
+        f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep; an example is an object of strings (a "
+        "conversation: a list of message objects), so this is not training data"
+    )
+
+
 def _jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, so that bad UTF-8 is reported with its line
+        for number, raw in enumerate(f, start=1):
+            line = _decode(path, raw, number)
             if not line.strip():
                 continue
             try:
@@ -62,6 +157,10 @@ def _jsonl(path: Path) -> Iterator[Row]:
                     f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); every line of a .jsonl "
                     "file must be one JSON object"
                 ) from None
+            except RecursionError:  # deeper than the parser reaches
+                raise _too_deep_error(f"{path} line {number}") from None
+            if _too_deep_at(line, MAX_JSON_DEPTH) is not None:
+                raise _too_deep_error(f"{path} line {number}")
             if not isinstance(value, dict):
                 raise DataError(
                     f"{path} line {number}: a JSON {type(value).__name__}, not an object; every line must be an "
@@ -71,11 +170,16 @@ def _jsonl(path: Path) -> Iterator[Row]:
 
 
 def _json(path: Path) -> Iterator[Row]:
+    with open(path, "rb") as f:
+        text = _decode(path, f.read())
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            value = json.load(f)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # deeper than the parser reaches
+        deep = _too_deep_at(text, MAX_JSON_DEPTH)
+        raise _too_deep_error(f"{path}" + (f" line {_line_of(text, deep[0])}" if deep else "")) from None
+    item_depth = 2  # the depth of an example in the file: inside the top-level list ...
     if isinstance(value, dict):  # {"data": [...]} and the like: the one list-valued field
         lists = [k for k, v in value.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -84,27 +188,45 @@ def _json(path: Path) -> Iterator[Row]:
                 f"(found list fields: {lists or 'none'})"
             )
         value = value[lists[0]]
+        item_depth = 3  # ... or inside the object's list
     if not isinstance(value, list):
         raise DataError(f"{path}: the JSON holds a {type(value).__name__}; expected a list of example objects")
+    # An example may nest MAX_JSON_DEPTH levels, counted from the example itself.
+    deep = _too_deep_at(text, MAX_JSON_DEPTH + item_depth - 1, items_at=item_depth - 1)
+    if deep is not None and deep[1] is None:  # in another field of the object, beside the examples
+        raise _too_deep_error(f"{path} line {_line_of(text, deep[0])}")
     for index, item in enumerate(value):
         if not isinstance(item, dict):
             raise DataError(f"{path} item {index}: a JSON {type(item).__name__}, not an object")
+        if deep is not None and index == deep[1]:
+            raise _too_deep_error(f"{path} item {index} (line {_line_of(text, deep[0])})")
         yield Row(item, f"{path.name} item {index}")
 
 
 def _csv(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            return
-        for record in reader:
-            # DictReader puts surplus cells under the key None; a short row gets None values.
-            if None in record:
-                raise DataError(
-                    f"{path} line {reader.line_num}: more cells than the header's {len(reader.fieldnames)} columns; "
-                    "quote cells that contain commas"
-                )
-            yield Row({k: ("" if v is None else v) for k, v in record.items()}, f"{path.name} line {reader.line_num}")
+    with open(path, "rb") as f:
+        text = _decode(path, f.read())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        return
+    for record in reader:
+        # DictReader puts surplus cells under the key None, and gives the columns a short row lacks None.
+        if None in record:
+            raise DataError(
+                f"{path} line {reader.line_num}: more cells than the header's {len(reader.fieldnames)} columns; "
+                "quote cells that contain commas"
+            )
+        if None in record.values():
+            cells = sum(v is not None for v in record.values())
+            missing = [k for k, v in record.items() if v is None]
+            raise DataError(
+                f"{path} line {reader.line_num}: {cells} cells, fewer than the header's {len(reader.fieldnames)} "
+                f"columns (no cell for {', '.join(map(repr, missing))}); write every cell — an empty one as "
+                "nothing between two commas — and quote cells that contain line breaks"
+            )
+        # An empty cell is a missing value: a required field left empty is then an error, not a "" that trains
+        # only the end-of-turn token.
+        yield Row({k: (None if v == "" else v) for k, v in record.items()}, f"{path.name} line {reader.line_num}")
 
 
 def _table_rows(table, path: Path) -> Iterator[Row]:

@@ -63,6 +63,11 @@ def _field(row: Row, name: str, kind=str, optional=False):
     if name not in row.fields or row.fields[name] is None:
         if optional:
             return None
+        if name in row.fields:
+            raise DataError(
+                f"{row.where}: field {name!r} is empty (a null, or an empty CSV cell), but this format needs it; "
+                "fill it in, or leave the row out (--skip-bad-rows skips such rows)"
+            )
         raise DataError(
             f"{row.where}: missing field {name!r} (fields present: {', '.join(sorted(row.fields)) or 'none'})"
         )

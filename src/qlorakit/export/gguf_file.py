@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,8 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, SourceError
-from .merge import prepare_output, resolve_adapter, save_tokenizer
-from .source import ModelTensors, merged_tensors
+from ..outputs import GGUF_KEY, check_output, staged_output, version
+from .merge import resolve_adapter, save_tokenizer
+from .source import ModelTensors, check_base, merge_base, merged_tensors
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 # Hugging Face model_type -> GGUF architecture (llama.cpp converts Mistral checkpoints as llama).
@@ -217,9 +216,10 @@ def _nbytes(shape, kind) -> int:
 
 
 def export_gguf(output: str | Path, adapter: str | Path | None = None, model: str | Path | None = None,
-                gguf_type: str = "f16", overwrite: bool = False, log=print) -> Path:
+                gguf_type: str = "f16", overwrite: bool = False, base: str = "quantized", log=print) -> Path:
     """Write `output` (.gguf) from an adapter merged into its base (`adapter`, with `model` overriding the base)
-    or from a model directory (`model` alone, e.g. the output of `qlorakit merge`)."""
+    or from a model directory (`model` alone, e.g. the output of `qlorakit merge`). With an adapter, `base` is
+    what its delta is added to, as in `merge`: 'quantized' (the base it was trained against) or 'original'."""
     import gguf
     from transformers import AutoConfig
 
@@ -229,9 +229,10 @@ def export_gguf(output: str | Path, adapter: str | Path | None = None, model: st
         raise ConfigError(f"type={gguf_type!r}: a GGUF export is one of {', '.join(GGUF_TYPES)}")
     if adapter is None and model is None:
         raise ConfigError("export gguf needs --adapter DIR (merged into its base on the way) or --model DIR")
-    output = prepare_output(output, overwrite, "--output file")
-    if output.suffix.lower() != ".gguf":
+    check_base(base)
+    if Path(output).suffix.lower() != ".gguf":
         raise ConfigError(f"{output}: name the output file *.gguf")
+    output = check_output(output, "gguf", overwrite)  # before any work; staged_output checks again under its lock
     if adapter is not None:
         lora, source_dir, trained_on = resolve_adapter(adapter, model)
     else:
@@ -246,20 +247,20 @@ def export_gguf(output: str | Path, adapter: str | Path | None = None, model: st
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
-    source = ModelTensors(source_dir)
+    source = merge_base(adapter, source_dir, base) if adapter is not None else ModelTensors(source_dir)
     plan = _tensor_plan(source, arch_enum, config.num_hidden_layers, qtype)
     rope_factors = llama3_rope_factors(config) if _rope_scaling(config)["rope_type"] == "llama3" else None
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
 
     # The tokenizer as it will be used: the source's, with the chat template qlorakit trained with.
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
+    with tempfile.TemporaryDirectory() as tokenizer_dir, staged_output(output, "gguf", overwrite) as staging:
         save_tokenizer(source_dir, Path(tokenizer_dir))
-        staging = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         writer = gguf.GGUFWriter(str(staging), arch)
         try:
             name = Path(str(adapter or model)).name
             _hyperparameters(writer, config, arch, file_type, name)
+            writer.add_string(GGUF_KEY, version())  # how a later --overwrite knows this file is qlorakit's
             _add_tokenizer(writer, Path(tokenizer_dir), config.vocab_size,
                            gguf_origin(source_dir).get("tokenizer.ggml.pre"))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -284,11 +285,8 @@ def export_gguf(output: str | Path, adapter: str | Path | None = None, model: st
                 elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                     tensor = _permute_for_ggml(tensor, kv_heads)
                 writer.write_tensor_data(_encode(tensor, kind))
-            writer.close()
-            os.replace(staging, output)
         finally:
-            writer.close()  # a no-op once closed
-            if staging.exists():
-                staging.unlink()
-    log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB, {gguf_type}, {len(plan)} tensors, {arch})")
+            writer.close()
+    merged = f"; {adapter} merged into {source.description}" if adapter is not None else ""
+    log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB, {gguf_type}, {len(plan)} tensors, {arch}{merged})")
     return output

@@ -1,26 +1,25 @@
 """`qlorakit merge`: base weights + LoRA delta -> a standard transformers model directory in 16 or 32 bits.
 
-The base is read unquantized from its source (a bitsandbytes source is dequantized, never the 4-bit copy training
-used: merging into quantized weights would round the delta away), the delta is added in fp32, and each tensor is
-cast and written shard by shard. The output needs only transformers to load: config.json without any
-quantization_config, safetensors shards with an index when there are several, the tokenizer with the chat template
-the model was trained with.
+The base is, by default, the one the adapter was trained against (the source quantized as training quantized it,
+dequantized; see source.QuantizedBase), or on request the source's unquantized weights; the delta is added in
+fp32 (never re-quantized: that would round it away), and each tensor is cast and written shard by shard. The
+output needs only transformers to load: config.json without any quantization_config, safetensors shards with an
+index when there are several, the tokenizer with the chat template the model was trained with.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
-from .source import ModelTensors, merged_tensors, read_lora
+from ..outputs import check_output, staged_output
+from .source import ModelTensors, check_base, merge_base, merged_tensors, read_lora
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -60,26 +59,6 @@ def resolve_adapter(adapter: str | Path, model: str | None = None):
     return read_lora(adapter), resolve_source(base), info["peft"].get("base_model_name_or_path")
 
 
-def prepare_output(output: str | Path, overwrite: bool, what: str) -> Path:
-    output = Path(output).expanduser()
-    if output.exists() and (output.is_file() or any(output.iterdir())) and not overwrite:
-        raise ConfigError(f"{output}: already exists and is not empty; choose another {what} or pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return output
-
-
-def replace_atomically(staging: Path, output: Path) -> None:
-    """Move a finished staging directory or file into place; an earlier output is removed only once the new one
-    is complete."""
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(staging, output)
-
-
 def save_tokenizer(source_dir: Path, output: Path) -> None:
     """The source's tokenizer, with the chat template qlorakit trains and chats with (the source's own, or
     qlorakit's ChatML default when it has none)."""
@@ -92,7 +71,7 @@ def save_tokenizer(source_dir: Path, output: Path) -> None:
     tokenizer.save_pretrained(output)
     generation = source_dir / "generation_config.json"
     if generation.is_file():
-        shutil.copy2(generation, output / generation.name)
+        shutil.copyfile(generation, output / generation.name)  # the umask's mode, not the source's
 
 
 def _write_config(source_dir: Path, output: Path, dtype: torch.dtype) -> None:
@@ -157,24 +136,26 @@ def _write_shards(source: ModelTensors, tensors, output: Path, dtype: torch.dtyp
 
 
 def merge(adapter: str | Path, output: str | Path, dtype: str = "bf16", model: str | None = None,
-          max_shard_size: str | int = "5GB", overwrite: bool = False, log=print) -> Path:
+          max_shard_size: str | int = "5GB", overwrite: bool = False, base: str = "quantized", log=print) -> Path:
     """Merge a LoRA adapter into its base and save a standard safetensors model directory at `output`.
 
-    `model` overrides the base model the adapter names; `dtype` is bf16, fp16 or fp32. Returns the directory,
-    which `AutoModelForCausalLM.from_pretrained` loads without qlorakit."""
+    `base` is what the delta is added to: 'quantized' (the default), the base the adapter was trained against —
+    the source quantized and dequantized exactly as the training run did (qlorakit.json in the adapter says how),
+    so the merged model answers as the trained and evaluated one; or 'original', the source's unquantized weights.
+    An adapter without qlorakit.json (trained outside qlorakit) needs base='original'. `model` overrides the base
+    model the adapter names (with base='quantized' it is quantized as recorded, or its stored bitsandbytes codes
+    are used); `dtype` is bf16, fp16 or fp32. Returns the directory, which
+    `AutoModelForCausalLM.from_pretrained` loads without qlorakit."""
     torch_dtype = output_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    output = prepare_output(output, overwrite, "--output")
+    check_base(base)
+    output = check_output(output, "merge", overwrite)  # before any work; staged_output checks again under its lock
     lora, source_dir, trained_on = resolve_adapter(adapter, model)
-    source = ModelTensors(source_dir)
+    source = merge_base(adapter, source_dir, base)
     tensors = merged_tensors(source, lora, trained_on)
-    log(f"merging {len(lora)} LoRA layers from {adapter} into {source_dir} ({dtype})")
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    log(f"merging {len(lora)} LoRA layers from {adapter} into {source.description} of {source_dir} ({dtype})")
+    with staged_output(output, "merge", overwrite) as staging:
         _write_shards(source, tensors, staging, torch_dtype, max_bytes, log)
         _write_config(source_dir, staging, torch_dtype)
         save_tokenizer(source_dir, staging)
-        replace_atomically(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output

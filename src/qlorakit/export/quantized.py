@@ -4,12 +4,10 @@ dtype the precision policy allows — whatever dtype it was quantized under."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
-from .merge import prepare_output, replace_atomically
+from ..outputs import check_output, staged_output
 
 
 def save_quantized(model, tokenizer, output: str | Path, overwrite: bool = False) -> Path:
@@ -30,16 +28,11 @@ def save_quantized(model, tokenizer, output: str | Path, overwrite: bool = False
                 "rounded to bf16); saving it would keep that loss. Load the model through qlorakit.load, which "
                 "keeps 4-bit layers out of it, and save that one."
             )
-    output = prepare_output(output, overwrite, "--output")
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_output(output, "quantize", overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.chat_template = chat_template(tokenizer)
         tokenizer.save_pretrained(staging)
-        replace_atomically(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output
+    return Path(output).expanduser()
 
 
 def quantize(source: str, output: str | Path, quant: str = "nf4", double_quant: bool = True, device: str = "auto",
@@ -49,7 +42,7 @@ def quantize(source: str, output: str | Path, quant: str = "nf4", double_quant: 
 
     if quant == "none":
         raise ConfigError("quant='none' leaves nothing to save quantized; use nf4, fp4 or int8")
-    prepare_output(output, overwrite, "--output")  # before the minutes of loading
+    check_output(output, "quantize", overwrite)  # before the minutes of loading
     model, tokenizer = load(source, quant=quant, double_quant=double_quant, dtype="fp32", device=device)
     path = save_quantized(model, tokenizer, output, overwrite=overwrite)
     size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")

@@ -1,6 +1,11 @@
 """The weights to export, one tensor at a time: a model directory's tensors in fp32 (dequantized when the directory
 holds a bitsandbytes checkpoint) with a LoRA adapter's delta, s·B·A, added in fp32.
 
+Two bases an adapter can be merged into: `quantized` (QuantizedBase), the weights exactly as the training run held
+them — quantized by bitsandbytes as recorded in the adapter's qlorakit.json and dequantized to the compute dtype,
+the base the adapter learned to correct and the model that was evaluated — and `original`, the source's
+unquantized weights.
+
 Nothing here holds more than one fp32 tensor at once, so merging an 8B model needs about as much memory as its
 largest matrix, not two copies of the model.
 """
@@ -15,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, SourceError, show
+from ..precision import dequantized_to, frozen_dtype, quantized_from
 
 _QUANT_STATE_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _SAFETENSORS_TO_TORCH = {"F32": torch.float32, "F16": torch.float32, "BF16": torch.float32, "F64": torch.float32,
@@ -28,10 +34,13 @@ class ModelTensors:
     bitsandbytes 4-bit weights (with their quant-state entries) and int8 weights (with their row scales) are
     dequantized; everything else is read as stored."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, compute: torch.dtype | None = None):
         from safetensors import safe_open
 
         self.directory = Path(directory)
+        # bitsandbytes weights dequantize as a training run in this compute dtype dequantizes them (precision.
+        # dequantized_to); None: to the dtype their quant state records.
+        self.compute = compute
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise SourceError(f"{self.directory}: no *.safetensors weights to export")
@@ -80,14 +89,164 @@ class ModelTensors:
 
             state = {k[len(name) + 1:]: self._raw(k) for k in self._file_of if k.startswith(f"{name}.")}
             quant_state = bnbf.QuantState.from_dict(state, device=torch.device("cpu"))
+            if self.compute is not None:
+                quant_state.dtype = dequantized_to(quant_state.quant_type, self.compute)  # as Precision.apply
             return bnbf.dequantize_4bit(self._raw(name), quant_state).float()
         if kind == "int8":
             import bitsandbytes.functional as bnbf
 
             scales = self._raw(f"{name[:-len('weight')]}SCB")
-            return bnbf.int8_vectorwise_dequant(self._raw(name), scales).float()
+            dense = bnbf.int8_vectorwise_dequant(self._raw(name), scales)
+            return (dense if self.compute is None else dense.to(dequantized_to("int8", self.compute))).float()
         tensor = self._raw(name)
         return tensor.float() if tensor.is_floating_point() else tensor
+
+
+# ---------------------------------------------------------------------------------------------- the base
+
+BASES = ("quantized", "original")
+
+
+class QuantizedBase:
+    """A model directory's tensors as the training run held them, in fp32 like ModelTensors: every floating tensor
+    rounded to the compute dtype, and every weight bitsandbytes quantized replaced by its dequantized codes. A plain
+    source is quantized here one tensor at a time exactly as qlorakit.load quantizes it (the weight cast to the
+    compute dtype, then bitsandbytes' 4-bit blockwise quantization, blocksize 64, or LLM.int8's row-wise one from
+    fp16); a bitsandbytes checkpoint's stored codes are the trained base already. Codes are computed on the CPU:
+    a base quantized on a GPU may differ in a value that lies exactly between two codes."""
+
+    def __init__(self, directory: str | Path, quant: str, double_quant: bool, compute: torch.dtype):
+        from ..precision import dtype_name
+
+        self.tensors = ModelTensors(directory, compute=compute)
+        self.directory, self.names = self.tensors.directory, self.tensors.names
+        self.shape, self.dtype, self.quantized = self.tensors.shape, self.tensors.dtype, self.tensors.quantized
+        self.quant, self.double_quant, self.compute = quant, double_quant, compute
+        stored = any(self.tensors.quantized(name) for name in self.names)
+        self._to_quantize = set() if stored or quant == "none" else _quantized_by_training(self.directory, quant)
+        missing = sorted(self._to_quantize - set(self.names))
+        if missing:
+            raise ConfigError(
+                f"{self.directory}: training quantizes {missing[0]}, which the checkpoint does not hold under that "
+                "name, so the quantized base cannot be rebuilt; merge into the original weights with --base original"
+            )
+        kind = f"{quant}{'+dq' if double_quant and quant != 'int8' else ''}"
+        self.description = (f"the stored {quant} codes" if stored else "the weights" if quant == "none" else
+                            f"the weights quantized to {kind}") + f" in {dtype_name(compute)}, as trained"
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.tensors.get(name)
+        if not tensor.is_floating_point():
+            return tensor
+        tensor = tensor.to(frozen_dtype(self.compute))  # what from_pretrained(dtype=compute) and Precision hold
+        if name in self._to_quantize:
+            tensor = _quantize_dequantize(tensor, self.quant, self.double_quant, self.compute)
+        return tensor.float()
+
+
+def _quantize_dequantize(weight: torch.Tensor, quant: str, double_quant: bool, compute: torch.dtype) -> torch.Tensor:
+    """The weight as a layer quantized from it dequantizes in the fused LoRA kernel: bitsandbytes' own calls, with
+    the arguments its Params4bit / Int8Params use when transformers quantizes a model."""
+    import bitsandbytes.functional as bnbf
+
+    from ..load import BLOCKSIZE_4BIT
+
+    weight = weight.to(quantized_from(quant, compute))
+    if quant == "int8":
+        codes, scales, _ = bnbf.int8_vectorwise_quant(weight)
+        return bnbf.int8_vectorwise_dequant(codes, scales).to(dequantized_to(quant, compute))
+    codes, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE_4BIT, compress_statistics=double_quant,
+                                      quant_type=quant, quant_storage=torch.uint8)
+    state.dtype = dequantized_to(quant, compute)  # as Precision.apply sets every 4-bit layer's
+    return bnbf.dequantize_4bit(codes, state).to(dequantized_to(quant, compute))
+
+
+def _quantized_by_training(directory: Path, quant: str) -> set[str]:
+    """The weights qlorakit.load quantizes in this model: transformers' bitsandbytes integration asked on an empty
+    (meta-device) model built from config.json — every linear layer except the output head and what the
+    architecture keeps unquantized."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
+
+    from ..load import _bnb_config
+    from ..precision import Precision
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError, ImportError) as e:
+        raise ConfigError(
+            f"{directory}: cannot build the model from config.json to tell which layers training quantized "
+            f"({show(str(e).splitlines()[0] if str(e) else type(e).__name__)}); merge into the original weights "
+            "with --base original"
+        ) from None
+    settings = _bnb_config(quant, False, Precision(torch.float32, torch.float32))
+    AutoHfQuantizer.from_config(settings, pre_quantized=False).preprocess_model(model, device_map={"": "cpu"})
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def _trained_as(adapter_dir: Path, info: dict) -> tuple[str, bool, torch.dtype]:
+    """(quant, double_quant, compute dtype) of the training run, from the adapter's qlorakit.json."""
+    from ..load import QUANT_KINDS
+    from ..precision import parse_dtype
+
+    saved = info["qlorakit"]
+    if not saved:
+        raise ConfigError(
+            f"{adapter_dir}: no qlorakit.json, so how the base was quantized in training is unknown (an adapter "
+            "trained outside qlorakit); merge into the original unquantized weights with --base original "
+            "(base='original')"
+        )
+    where = adapter_dir / "qlorakit.json"
+    checks = (("quant", lambda v: v in QUANT_KINDS, ", ".join(QUANT_KINDS)),
+              ("double_quant", lambda v: isinstance(v, bool), "true or false"),
+              ("dtype", lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16, fp16"))
+    for field, valid, expected in checks:
+        if field not in saved or not valid(saved[field]):
+            got = f"is {show(saved[field])}" if field in saved else "is missing"
+            raise ConfigError(f"{where}: {field!r} {got} (expected {expected}), so the quantized base the adapter "
+                              "was trained against cannot be rebuilt; fix the file or merge into the original "
+                              "weights with --base original")
+    return saved["quant"], saved["double_quant"], parse_dtype(saved["dtype"])
+
+
+def check_base(base: str) -> None:
+    if base not in BASES:
+        raise ConfigError(f"base={show(base)}: merge into 'quantized' (the base the adapter was trained against, "
+                          "the default) or 'original' (the unquantized source weights)")
+
+
+def merge_base(adapter_dir: str | Path, source_dir: Path, base: str = "quantized"):
+    """The base tensors to add `adapter_dir`'s LoRA delta to: `quantized`, the base as its training run held it
+    (QuantizedBase, settings from the adapter's qlorakit.json), or `original`, the source's weights unquantized
+    (a bitsandbytes checkpoint, which has no others, dequantized). Each has `description` for the log."""
+    import json
+    from types import SimpleNamespace
+
+    from ..adapters import read_adapter_info
+    from ..load import _stored_quantization
+
+    check_base(base)
+    adapter_dir = Path(adapter_dir)
+    if base == "original":
+        tensors = ModelTensors(source_dir)
+        stored = any(tensors.quantized(name) for name in tensors.names)
+        tensors.description = "the stored quantized weights (the checkpoint has no others)" if stored else \
+            "the original unquantized weights"
+        return tensors
+    quant, double_quant, compute = _trained_as(adapter_dir, read_adapter_info(adapter_dir))
+    config = json.loads((Path(source_dir) / "config.json").read_text())
+    stored = _stored_quantization(SimpleNamespace(quantization_config=config.get("quantization_config")))
+    if stored is not None and stored[0] != quant:
+        raise ConfigError(
+            f"{source_dir} is quantized as {stored[0]} with bitsandbytes, but the adapter was trained on a {quant} "
+            f"base ({adapter_dir / 'qlorakit.json'}): pass the base it was trained on with --model, or merge into "
+            "these weights as stored with --base original"
+        )
+    return QuantizedBase(source_dir, quant, double_quant, compute)
 
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -98,13 +257,19 @@ class LoraWeights:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float
+    bias: torch.Tensor | None = None  # [out]: lora_B's bias (PEFT's lora_bias=True)
 
     def delta(self) -> torch.Tensor:
         """s·B·A in fp32, [out, in]."""
         return (self.b.float() @ self.a.float()) * self.scale
 
+    def bias_delta(self) -> torch.Tensor:
+        """s·b_B in fp32, [out]: what PEFT's merge adds to the base layer's bias."""
+        return self.bias.float() * self.scale
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
+
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.(?P<kind>weight|bias)$")
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -140,24 +305,28 @@ def read_lora(adapter_dir: str | Path) -> dict[str, LoraWeights]:
     pairs: dict[str, dict] = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key)
-        if match is None:
+        if match is None or (match["kind"] == "bias" and match["ab"] == "A"):
             raise ConfigError(
-                f"{file}: holds {key!r}, which is not a LoRA A/B weight of a linear layer (embedding LoRA and "
-                f"modules_to_save are not supported by qlorakit's merge)"
+                f"{file}: holds {show(key)}, which is not a LoRA A/B weight (or lora_B bias) of a linear layer "
+                f"(embedding LoRA and modules_to_save are not supported by qlorakit's merge)"
             )
-        pairs.setdefault(match["module"], {})[match["ab"]] = tensor
+        part = "bias" if match["kind"] == "bias" else match["ab"]
+        pairs.setdefault(match["module"], {})[part] = tensor
     lora = {}
     for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
+        if {"A", "B"} - set(pair):
             raise ConfigError(f"{file}: {module} has lora_{'A' if 'A' in pair else 'B'} but not its partner")
-        a, b = pair["A"], pair["B"]
+        a, b, bias = pair["A"], pair["B"], pair.get("bias")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ConfigError(f"{file}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
                               f"form a rank-r product B·A")
+        if bias is not None and tuple(bias.shape) != (b.shape[0],):
+            raise ConfigError(f"{file}: {module}: lora_B's bias is {tuple(bias.shape)}, not ({b.shape[0]},) "
+                              "like lora_B's rows")
         rank = a.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        lora[f"{module}.weight"] = LoraWeights(a, b, float(scale))
+        lora[f"{module}.weight"] = LoraWeights(a, b, float(scale), bias)
     if not lora:
         raise ConfigError(f"{file}: no LoRA weights in it")
     return lora
@@ -168,7 +337,7 @@ def merged_tensors(source: ModelTensors, lora: dict[str, LoraWeights] | None, ad
     Checks first that every adapter weight meets a base weight of the right shape."""
     lora = lora or {}
     known = set(source.names)
-    trained_on = f"; the adapter was trained on {adapter_base!r}" if adapter_base else ""
+    trained_on = f"; the adapter was trained on {show(adapter_base)}" if adapter_base else ""
     for name, weights in lora.items():
         if name not in known:
             raise ConfigError(
@@ -183,8 +352,27 @@ def merged_tensors(source: ModelTensors, lora: dict[str, LoraWeights] | None, ad
                 f"{tuple(weights.a.shape)}) but {source.directory} has {shape[0]}x{shape[1]}: not this adapter's "
                 f"base model{trained_on}"
             )
+    biases = {}  # base bias name -> the LoRA whose lora_B bias is added to it, as PEFT's merge does
+    for name, weights in lora.items():
+        if weights.bias is None:
+            continue
+        bias_name = f"{name[:-len('weight')]}bias"
+        if bias_name not in known:
+            raise ConfigError(
+                f"the adapter was trained with lora_bias=True: its {name[:-len('.weight')]} has a lora_B bias, which "
+                f"a merge adds to the layer's bias, but that layer has no bias in {source.directory} (adding one "
+                "would change the architecture); use the adapter unmerged (qlorakit chat/eval --adapter), or train "
+                "without lora_bias"
+            )
+        if tuple(source.shape(bias_name)) != tuple(weights.bias.shape):
+            raise ConfigError(f"the adapter's lora_B bias of {name} has {tuple(weights.bias.shape)} values but "
+                              f"{source.directory}'s {bias_name} has {tuple(source.shape(bias_name))}: not this "
+                              f"adapter's base model{trained_on}")
+        biases[bias_name] = weights
     for name in source.names:
         tensor = source.get(name)
         if name in lora:
             tensor = tensor + lora[name].delta()
+        elif name in biases:
+            tensor = tensor + biases[name].bias_delta()
         yield name, tensor
