@@ -12,7 +12,9 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_every_python_name_the_readme_uses_exists():
-    names = set(re.findall(r"\bqlorakit\.([A-Za-z_]\w*)\b(?!\.py|/)", README)) - {"json"}
+    code = "\n".join(re.findall(r"```python\n(.*?)```", README, re.S))
+    names = set(re.findall(r"\bqlorakit\.([A-Za-z_]\w*)", code))  # everything the Python examples use
+    names |= set(re.findall(r"\bqlorakit\.([A-Za-z_]\w*)\(", README))  # and every call shown in the text
     missing = sorted(n for n in names if not hasattr(qlorakit, n))
     assert not missing, missing
     assert "load_adapter" in names  # the README's `qlorakit.load_adapter(model, path)`
