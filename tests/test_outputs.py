@@ -597,6 +597,21 @@ def test_a_refused_resume_leaves_no_directory_or_marker_behind(base, tmp_path):
     assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []
 
 
+@pytest.mark.parametrize("bad", ("fifo", "missing", "model"))
+def test_a_run_refused_after_its_claim_leaves_no_directory_or_marker_behind(base, tmp_path, bad):
+    """A run that ends before it writes anything — bad data found after the claim, a model that cannot load —
+    leaves no trace in the directory it created (a refused `train --data /dev/null` left qlorakit-run/ behind)."""
+    data = tmp_path / "d.jsonl"
+    if bad == "fifo":
+        os.mkfifo(data)
+    kw = {"model": str(tmp_path / "no-model")} if bad == "model" else {}
+    if bad == "model":
+        data = _data(tmp_path)
+    with pytest.raises(QLoraKitError):
+        qlorakit.train(**QUIET, **(_settings(base, tmp_path / "run", data=str(data)) | kw))
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------- item 12: modes
 
 

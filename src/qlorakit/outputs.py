@@ -335,9 +335,11 @@ class RunClaim:
     def __init__(self, path: Path, fd: int, resume: bool = False):
         self.path, self._fd, self._aside, self.resume = path, fd, None, resume
         self.made: list[Path] = []  # the marker and directory the claim created, if it did
+        self.writing = False  # the run has started writing its files (replace_previous)
 
     def replace_previous(self) -> None:
         """Move an earlier run's files aside (a resumed run continues its own instead)."""
+        self.writing = True
         present = [name for name in TRAIN_FILES if (self.path / name).exists()]
         if self.resume or not present:
             return
@@ -353,12 +355,12 @@ class RunClaim:
             shutil.rmtree(self._aside, ignore_errors=True)
             self._aside = None
 
-    def release(self, refused: bool = False) -> bool:
-        """Unlock; True when an earlier run had to be put back (this one ended before replacing it). A run `refused`
-        before it wrote anything leaves no directory it made behind."""
+    def release(self) -> bool:
+        """Unlock; True when an earlier run had to be put back (this one ended before replacing it). A run that
+        ended before it wrote anything (refused, or failed while loading) leaves no directory it made behind."""
         if self._fd is None:
             return False
-        for made in self.made if refused else ():
+        for made in self.made if not self.writing else ():
             with contextlib.suppress(OSError):  # (rmdir: only when empty, never what another run put there)
                 made.unlink() if made.name == MARKER else made.rmdir()
         try:
@@ -437,7 +439,7 @@ def claim_run_directory(path: str | Path, overwrite: bool = False, resume: bool 
         _inspect(path, "train", overwrite, resume, "--output", None)  # again: it may have changed before the lock
         _write_marker(fd, "train", TRAIN_FILES)
     except BaseException:
-        claim.release(refused=True)
+        claim.release()
         raise
     return claim
 

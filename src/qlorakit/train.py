@@ -269,7 +269,7 @@ def _prepare_output(out: Path, config: TrainConfig, overwrite: bool):
 
     claim = claim_run_directory(out, overwrite=overwrite, resume=config.resume)
     if config.resume and not list_checkpoints(out / "checkpoints"):
-        claim.release(refused=True)  # (and leaves no directory or marker it made behind)
+        claim.release()  # (nothing written: leaves no directory or marker it made behind)
         raise TrainingError(
             f"{out}: no checkpoint to resume from (checked {out / 'checkpoints'}); point --output at the "
             "interrupted run, or start without --resume"
