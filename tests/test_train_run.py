@@ -242,3 +242,25 @@ def test_non_finite_loss_under_fp16_is_a_skipped_step(tiny_model_dir, data_file,
 def test_bitsandbytes_optimizers_need_cuda(tiny_model_dir, data_file, tmp_path):
     with pytest.raises(ConfigError, match="optimizer='adamw8bit' is bitsandbytes' 8-bit AdamW, which runs on CUDA"):
         _train(tiny_model_dir, data_file, tmp_path / "out", optimizer="adamw8bit")
+
+
+def test_saving_an_adapter_asks_no_server(tiny_model_dir, tmp_path, monkeypatch):
+    """The adapter of a model named by id (the default model's is a name, not a path) is saved without a network
+    lookup: PEFT's save_embedding_layers="auto" asked the Hub for that name's config.json on every save."""
+    import socket
+
+    from qlorakit.config import TrainConfig
+    from qlorakit.precision import precision_of
+    from qlorakit.train import save_adapter
+
+    model = qlorakit.add_lora(qlorakit.load(tiny_model_dir, quant="none", dtype="fp32", device="cpu")[0], rank=2)
+    lookups = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    out = save_adapter(model, tmp_path / "adapter", TrainConfig(model="some-org/some-model"), precision_of(model))
+    assert lookups == []
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "some-org/some-model"

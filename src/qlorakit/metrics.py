@@ -61,25 +61,30 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
     return Path(path)
 
 
+def _slope(points: list[tuple[int, float]]) -> float:
+    """The least-squares slope of loss over step."""
+    n = len(points)
+    mean_step, mean_loss = sum(s for s, _ in points) / n, sum(v for _, v in points) / n
+    return sum((s - mean_step) * (v - mean_loss) for s, v in points) / sum((s - mean_step) ** 2 for s, _ in points)
+
+
 def still_falling(records: list[dict], threshold: float = 0.1) -> str | None:
     """A hint when the training loss was still falling steeply at the end of the run, else None.
 
-    A least-squares line through the loss of the second half of the steps (at least 4; per-step losses are noisy)
-    says how much lower another stretch that long would end; when that is more than `threshold` of the current
-    loss, the run stopped while it was still learning fast — too few steps or too low a learning rate (a short run
-    at the default lr can teach a narrow task nothing and say nothing)."""
+    Two least-squares lines (per-step losses are noisy): one through the second half of the steps, one through all
+    of them. The run stopped while still learning fast when the end's line is at least half as steep as the whole
+    run's (the curve has not flattened) and another stretch as long would lower the loss by more than `threshold`
+    of its value — too few steps or too low a learning rate (a short run at the default lr can teach a narrow task
+    nothing and say nothing). A curve that fell fast and flattened out, even at a tiny loss, gives None."""
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("skipped") is not True]
-    n = max(4, len(losses) // 2)
     if len(losses) < 8:
         return None
-    steps, values = zip(*losses[-n:])
-    mean_step, mean_loss = sum(steps) / n, sum(values) / n
-    slope = sum((s - mean_step) * (v - mean_loss) for s, v in zip(steps, values)) / sum(
-        (s - mean_step) ** 2 for s in steps)
-    span = steps[-1] - steps[0]
-    drop = -slope * span / mean_loss if mean_loss > 0 else 0.0
-    if not drop > threshold:
+    end = losses[-max(4, len(losses) // 2):]
+    end_slope, run_slope = _slope(end), _slope(losses)
+    mean_loss = sum(v for _, v in end) / len(end)
+    drop = -end_slope * (end[-1][0] - end[0][0]) / mean_loss if mean_loss > 0 else 0.0
+    if not (run_slope < 0 and end_slope <= 0.5 * run_slope and drop > threshold):
         return None
-    return (f"the training loss was still falling steeply at the end (about {drop:.0%} over the last {n} steps, "
-            f"to {values[-1]:.4f}): this run may be too short to have learned the task. Train longer (--max-steps "
-            f"or --epochs) or with a higher learning rate (--lr), and compare the held-out results")
+    return (f"the training loss was still falling steeply at the end (about {drop:.0%} over the last {len(end)} "
+            f"steps, to {end[-1][1]:.4f}): this run may be too short to have learned the task. Train longer "
+            f"(--max-steps or --epochs) or with a higher learning rate (--lr), and compare the held-out results")

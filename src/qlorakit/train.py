@@ -559,7 +559,9 @@ def save_adapter(model, out: Path, cfg: TrainConfig, precision, data: TrainingDa
         base_path = peft_config.base_model_name_or_path
         peft_config.base_model_name_or_path = str(cfg.model)  # the source as given, not a cache directory
         try:
-            model.save_pretrained(tmp)
+            # save_embedding_layers=False: qlorakit never adapts embeddings, and PEFT's "auto" asks the Hub for
+            # the base's config.json when base_model_name_or_path is a name (the default model's is).
+            model.save_pretrained(tmp, save_embedding_layers=False)
         finally:
             peft_config.base_model_name_or_path = base_path
     atomic_write_json(out / "qlorakit.json", {
