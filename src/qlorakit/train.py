@@ -316,17 +316,17 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     """
     from .outputs import is_disk_full
 
-    held = []  # the output's claim, taken by _train once the config is known; released however the run ends
+    claims = []  # the output's claim, taken by _train once the config is known; released however the run ends
     try:
         return _train(config, loaded=loaded, overwrite=overwrite, log=log, progress=progress, demo_data=demo_data,
-                      held=held, **overrides)
+                      claims=claims, **overrides)
     except OSError as e:
-        if not (held and is_disk_full(e)):
+        if not (claims and is_disk_full(e)):
             raise
         from .checkpoint import list_checkpoints
 
-        out = held[0].path
-        restored = held.pop().release()  # an earlier run this one was replacing is back in place
+        out = claims[0].path
+        restored = claims.pop().release()  # an earlier run this one was replacing is back in place
         kept = list_checkpoints(out / "checkpoints")
         raise TrainingError(
             f"{out}: the disk is full (no space left on device) while writing the run's files; " + (
@@ -335,12 +335,12 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
                 f"the last checkpoint {kept[-1]} is intact: free some space and continue with --resume" if kept
                 else "free some space and run again")) from None
     finally:
-        for claim in held:
+        for claim in claims:
             claim.release()
 
 
-def _train(config, *, loaded, overwrite, log, progress, demo_data, held: list, **overrides) -> RunResult:
-    """The run, top to bottom; its output's claim goes into `held`, which train() releases."""
+def _train(config, *, loaded, overwrite, log, progress, demo_data, claims: list, **overrides) -> RunResult:
+    """The run, top to bottom; its output's claim goes into `claims`, which train() releases."""
     from .adapters import add_lora, load_adapter
     from .checkpoint import load_checkpoint, newest_intact_checkpoint, save_checkpoint
     from .evaluate import eval_loss, pad_id_of
@@ -358,7 +358,7 @@ def _train(config, *, loaded, overwrite, log, progress, demo_data, held: list, *
     cfg = config
     out = Path(cfg.output)
     output = _prepare_output(out, cfg, overwrite)
-    held.append(output)
+    claims.append(output)
     resume_from = resume_contents = None
     if cfg.resume:
         _check_resumable(out, cfg)
