@@ -22,12 +22,27 @@ import torch
 
 from .errors import PrecisionError
 
+# The dtype names qlorakit accepts and writes: the one table (config, CLI, merge and qlorakit.json all use it).
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # what qlorakit computes in, stores and saves
+COMPUTE_CHOICES = ("auto", *DTYPE_NAMES)  # a compute-dtype request
 _NAMES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def is_dtype_name(value, allow_auto: bool = False) -> bool:
+    """Whether `value` is a dtype name parse_dtype takes (fp32 / float32 / ...), or 'auto' when allowed."""
+    if not isinstance(value, str):
+        return False
+    return value.lower() in _NAMES or (allow_auto and value.lower() == "auto")
+
+
+def torch_config_name(dtype: torch.dtype) -> str:
+    """The name transformers writes in config.json for `dtype` ('bfloat16', 'float16', 'float32')."""
+    return str(dtype).replace("torch.", "")
 
 
 def parse_dtype(value: str | torch.dtype, parameter: str = "dtype") -> torch.dtype:
