@@ -16,11 +16,13 @@ from conftest import save_tiny_bpe_model, tiny_tokenizer
 from qlorakit.adapters import load_adapter
 from qlorakit.data import Tokenized, collate
 from qlorakit.evaluate import eval_loss, generate
+from qlorakit.fast_path import ATTENTION
 from qlorakit.kernels import attention as attention_module
 from qlorakit.kernels import lora as lora_module
-from qlorakit.kernels.lora import dequantize_weight, lora_linear
-from qlorakit.kernels.mlp import _LoRAGatedMLP
-from qlorakit.kernels.qkv import _LoRASharedInput
+from qlorakit.kernels.lora import lora_linear
+from qlorakit.kernels.mlp import LoRAGatedMLP
+from qlorakit.kernels.qkv import LoRASharedInput
+from qlorakit.upstream.bitsandbytes import FrozenLinear, dequantize
 
 pytestmark = pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
 
@@ -78,7 +80,7 @@ def _assert_same(fused, peft, rtol=1e-5):
 def _spy(monkeypatch):
     """Counts calls of the three fused functions."""
     calls = {"single": 0, "qkv": 0, "mlp": 0}
-    for key, holder in (("single", lora_module._LoRALinear), ("qkv", _LoRASharedInput), ("mlp", _LoRAGatedMLP)):
+    for key, holder in (("single", lora_module._LoRALinear), ("qkv", LoRASharedInput), ("mlp", LoRAGatedMLP)):
         original = holder.apply
 
         def apply(*args, _key=key, _original=original):
@@ -127,10 +129,10 @@ def test_lora_linear_adds_the_scaled_b_bias_before_its_one_rounding(tiny_model_d
     bias = (torch.randn(128, generator=g) * 0.3).to(precision.adapter).requires_grad_()
     grad_out = torch.randn(48, 128, generator=g).to(compute)
     scale = 2.0
-    y = lora_linear(x, base, a, b, scale, compute, lora_b_bias=bias)
+    y = lora_linear(x, FrozenLinear(base), a, b, scale, compute, lora_b_bias=bias)
     y.backward(grad_out)
 
-    w = dequantize_weight(base, torch.float64)
+    w = dequantize(base).to(torch.float64)
     ref = [t.detach().double().requires_grad_() for t in (x, a, b, bias)]
     y_ref = ref[0] @ w.t() + scale * ((ref[0] @ ref[1].t()) @ ref[2].t() + ref[3])
     y_ref.backward(grad_out.double())
@@ -209,7 +211,7 @@ def _attention_pair(model_dir):
         torch.manual_seed(0)  # the same LoRA A initialisation
         model, _ = qlorakit.load(model_dir, quant="none", dtype="fp32", device="cpu")
         model = randomize_lora_b(qlorakit.add_lora(model, rank=4, alpha=8, fused=fused), std=0.05)
-        assert model.get_base_model().config._attn_implementation == (attention_module.NAME if fused else "sdpa")
+        assert model.get_base_model().config._attn_implementation == (ATTENTION if fused else "sdpa")
         out.append(model)
     return out
 
@@ -254,10 +256,10 @@ def test_packed_rows_read_their_blocks_once_per_forward(tiny_model_dir, monkeypa
     layer: one device sync), also when gradient checkpointing recomputes the layers in the backward."""
     ours, sdpa = _attention_pair(tiny_model_dir)
     reads, segments = [], []
-    original_read, original_apply = attention_module._read_blocks, attention_module._PackedCausalAttention.apply
+    original_read, original_apply = attention_module._read_blocks, attention_module.PackedCausalAttention.apply
     monkeypatch.setattr(attention_module, "_read_blocks", lambda m: reads.append(1) or original_read(m))
-    monkeypatch.setattr(attention_module._PackedCausalAttention, "apply",
-                        lambda q, k, v, s, scale: segments.append(s) or original_apply(q, k, v, s, scale))
+    monkeypatch.setattr(attention_module.PackedCausalAttention, "apply",
+                        lambda q, k, v, s, *rest: segments.append(s) or original_apply(q, k, v, s, *rest))
     items = [Tokenized(row, [-100] + row[1:], "test") for row in ROWS]
     batch = collate(items, pad_id=0, packed=True)
     for model in (ours, sdpa):

@@ -8,7 +8,7 @@ import torch
 
 import qlorakit
 from qlorakit.data import collate, load_data
-from qlorakit.kernels.attention import NAME
+from qlorakit.fast_path import ATTENTION as NAME
 from conftest import randomize_lora_b, tiny_tokenizer
 
 
@@ -70,7 +70,8 @@ def test_packed_attention_function_matches_fp64_segments(dtype):
     query heads on 3 kv heads, as SmolLM2). Tolerance: the output and gradients are rounded once to `dtype`, so they
     must be no further from fp64 than transformers' per-segment sdpa in `dtype` (plus a small margin), and in fp32
     within 1e-5."""
-    from qlorakit.kernels.attention import _PackedCausalAttention
+    from qlorakit.kernels.attention import PackedCausalAttention
+    from qlorakit.precision import attention_kernel_dtype
 
     torch.manual_seed(0)
     lengths = (37, 130, 1, 64, 90)
@@ -89,7 +90,7 @@ def test_packed_attention_function_matches_fp64_segments(dtype):
         out.backward(grad.to(out.dtype))
         return [out.detach().double()] + [t.grad.double() for t in inputs]
 
-    ours = run(lambda *t: _PackedCausalAttention.apply(*t, segments, scale), (q, k, v))
+    ours = run(lambda *t: PackedCausalAttention.apply(*t, segments, scale, attention_kernel_dtype(dtype)), (q, k, v))
     assert ours[0].shape == (1, start, 9, 32)
     exact = run(lambda *t: _segment_reference(*t, segments, scale, torch.float64),
                 [t.detach().double().requires_grad_() for t in (q, k, v)])

@@ -8,7 +8,7 @@ import torch
 
 import qlorakit
 from conftest import DTYPES
-from qlorakit.kernels import dequantize_weight
+from qlorakit.upstream.bitsandbytes import FrozenLinear, dequantize
 
 QUANTS = ("nf4", "fp4", "int8", "none")
 
@@ -49,7 +49,7 @@ def _run(layer, forward, x, grad_out, precision):
 
 
 def _reference(layer, x, grad_out):
-    weight = dequantize_weight(layer.get_base_layer(), torch.float64)
+    weight = dequantize(layer.get_base_layer()).to(torch.float64)
     x = x.double().requires_grad_()
     a = layer.lora_A["default"].weight.detach().double().requires_grad_()
     b = layer.lora_B["default"].weight.detach().double().requires_grad_()
@@ -96,7 +96,7 @@ def test_small_adapter_delta_survives_half_precision_rounding(tiny_model_dir, qu
     _set_lora_b(layer, value=2e-4)
     precision = qlorakit.precision_of(model)
     x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(3)).to(precision.compute)
-    weight = dequantize_weight(layer.get_base_layer(), torch.float64)
+    weight = dequantize(layer.get_base_layer()).to(torch.float64)
     a, b = (layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double())
     base = x.double() @ weight.t()
     delta = layer.scaling["default"] * (x.double() @ a.t()) @ b.t()
@@ -177,11 +177,11 @@ def test_4bit_layers_stay_out_of_the_lossy_cpu_inference_repack(tiny_model_dir):
     layer = _layer(model)
     _set_lora_b(layer)
     x = torch.randn(8, 64)
-    before = dequantize_weight(layer.get_base_layer(), torch.float32)
+    before = dequantize(layer.get_base_layer()).to(torch.float32)
     with torch.no_grad():
         expected = layer(x)
         model.eval()
         layer.get_base_layer()(x)  # bitsandbytes' own forward
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
     assert not getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
-    torch.testing.assert_close(dequantize_weight(layer.get_base_layer(), torch.float32), before, rtol=0, atol=0)
+    torch.testing.assert_close(dequantize(layer.get_base_layer()).to(torch.float32), before, rtol=0, atol=0)

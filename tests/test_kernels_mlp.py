@@ -7,8 +7,8 @@ import torch
 
 import qlorakit
 from conftest import DTYPES, randomize_lora_b
-from qlorakit.kernels import dequantize_weight
-from qlorakit.kernels.mlp import install_fused_mlp
+from qlorakit.upstream.bitsandbytes import FrozenLinear, dequantize
+from qlorakit.fast_path import fast_path_report
 
 # Relative error vs fp64 on the same dequantized weights and rounded inputs; the per-layer path is the bar.
 TOL_VS_FP64 = {"fp32": 1e-6, "fp16": 3e-3, "bf16": 2.5e-2}
@@ -43,7 +43,7 @@ def _reference(mlp, x, grad_out):
 
     def proj(name, t, a, b):
         layer = getattr(mlp, name)
-        return t @ dequantize_weight(layer.get_base_layer(), torch.float64).t() + layer.scaling["default"] * (
+        return t @ dequantize(layer.get_base_layer()).to(torch.float64).t() + layer.scaling["default"] * (
             t @ a.t()) @ b.t()
 
     h = torch.nn.functional.silu(proj("gate_proj", x, ag, bg)) * proj("up_proj", x, au, bu)
@@ -90,12 +90,19 @@ def test_fused_mlp_keeps_half_the_intermediate_activations(tiny_model_dir):
 
 
 def test_install_counts_and_dropout_falls_back(tiny_model_dir):
+    """With LoRA dropout the MLP block runs its layers one by one (each fused) in training, and as one block in eval
+    mode, where dropout is off: the report says so, and both give the per-layer result."""
     torch.manual_seed(0)
     model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
     model = qlorakit.add_lora(model, rank=4, alpha=8, dropout=0.1)
     mlp = model.base_model.model.model.layers[0].mlp
-    assert install_fused_mlp(model) == 2
+    model.train()
+    report = fast_path_report(model)
+    assert (report.fused["gated MLP"], report.total["gated MLP"]) == (0, 2)
+    assert list(report.fallbacks["gated MLP"]) == ["LoRA dropout in training (the layers run fused one by one)"]
+    assert report.fused["LoRA linear"] == report.total["LoRA linear"] == 14
     x = torch.randn(4, 64)
     model.eval()
+    assert fast_path_report(model).fused["gated MLP"] == 2
     with torch.no_grad():  # eval: no dropout, the fused path; same as the per-layer path
         torch.testing.assert_close(mlp(x), type(mlp).forward(mlp, x), rtol=1e-5, atol=1e-6)

@@ -8,8 +8,9 @@ import torch
 
 import qlorakit
 from conftest import DTYPES, randomize_lora_b, tiny_tokenizer
-from qlorakit.kernels import dequantize_weight
-from qlorakit.kernels.qkv import NAMES, _LoRASharedInput
+from qlorakit.upstream.bitsandbytes import FrozenLinear, dequantize
+from qlorakit.fast_path import QKV_PROJECTIONS as NAMES
+from qlorakit.kernels.qkv import LoRASharedInput
 
 # Relative (Frobenius) error vs fp64 on the same dequantized weights and rounded inputs. Measured at most:
 # fp32 2.4e-7, fp16 3e-4, bf16 2.4e-3; the per-layer path is the other bar.
@@ -42,7 +43,7 @@ def _fused(attn):
     def project(x):
         layers = [getattr(attn, n) for n in NAMES]
         lora = [t for layer in layers for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, None)]
-        return _LoRASharedInput.apply(x, tuple(layer.get_base_layer() for layer in layers),
+        return LoRASharedInput.apply(x, tuple(FrozenLinear(layer.get_base_layer()) for layer in layers),
                                       tuple(float(layer.scaling["default"]) for layer in layers),
                                       layers[0].qlorakit_compute_dtype, *lora)
     return project
@@ -60,7 +61,7 @@ def _reference(attn, x, grads):
         layer = getattr(attn, name)
         base = layer.get_base_layer()
         a, b = params[2 * i], params[2 * i + 1]
-        y = x @ dequantize_weight(base, torch.float64).t() + layer.scaling["default"] * (x @ a.t()) @ b.t()
+        y = x @ dequantize(base).to(torch.float64).t() + layer.scaling["default"] * (x @ a.t()) @ b.t()
         outs.append(y + base.bias.double() if base.bias is not None else y)
     torch.autograd.backward(outs, [g.double() for g in grads])
     return [o.detach() for o in outs] + [x.grad] + [p.grad for p in params]
@@ -125,7 +126,7 @@ def test_attention_takes_the_fused_outputs_and_the_model_matches_peft(tiny_qwen2
     import qlorakit.kernels.lora as lora_module
 
     calls = {"shared": 0, "single": 0}
-    shared_apply, single_apply = _LoRASharedInput.apply, lora_module._LoRALinear.apply
+    shared_apply, single_apply = LoRASharedInput.apply, lora_module._LoRALinear.apply
 
     def count(kind, apply):
         def counted(*args):
@@ -133,7 +134,7 @@ def test_attention_takes_the_fused_outputs_and_the_model_matches_peft(tiny_qwen2
             return apply(*args)
         return counted
 
-    monkeypatch.setattr(_LoRASharedInput, "apply", count("shared", shared_apply))
+    monkeypatch.setattr(LoRASharedInput, "apply", count("shared", shared_apply))
     monkeypatch.setattr(lora_module._LoRALinear, "apply", count("single", single_apply))
     results = []
     for fused in (True, False):
@@ -157,8 +158,8 @@ def test_adapter_dropout_in_training_takes_the_per_layer_path(tiny_model_dir, mo
     model = qlorakit.add_lora(model, rank=4, alpha=8, dropout=0.1)
     attn = model.base_model.model.model.layers[0].self_attn
     called = []
-    original = _LoRASharedInput.apply
-    monkeypatch.setattr(_LoRASharedInput, "apply", lambda *a: called.append(1) or original(*a))
+    original = LoRASharedInput.apply
+    monkeypatch.setattr(LoRASharedInput, "apply", lambda *a: called.append(1) or original(*a))
     assert attn.qlorakit_fused_qkv
     model.train()
     model(input_ids=torch.tensor([[5, 6, 7, 8]]))

@@ -7,7 +7,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import qlorakit
-from qlorakit.kernels.rmsnorm import install_rms_norm
+from qlorakit.kernels import rms_norm
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # bf16: the input gradient is rounded to bf16 on both sides
 
@@ -33,11 +33,10 @@ def test_matches_llama_rmsnorm(dtype):
     reference = reference.to(dtype).requires_grad_(False)
     lean = LlamaRMSNorm(96, eps=1e-5).to(dtype).requires_grad_(False)
     lean.load_state_dict(reference.state_dict())
-    assert install_rms_norm(lean) == 1
     x = (torch.randn(64, 96, generator=g) * 3).to(dtype)
     grad_out = torch.randn(64, 96, generator=g).to(dtype)
     results = []
-    for norm in (lean, reference):
+    for norm in (lambda t: rms_norm(t, lean.weight, lean.variance_epsilon), reference):
         xi = x.clone().requires_grad_()
         out, saved = _saved_bytes(norm, xi)
         out.backward(grad_out)

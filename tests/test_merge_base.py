@@ -18,7 +18,7 @@ import qlorakit
 from conftest import save_tiny_bpe_model
 from qlorakit.adapters import load_adapter
 from qlorakit.errors import QLoraKitError
-from qlorakit.kernels.lora import dequantize_weight
+from qlorakit.upstream.bitsandbytes import dequantize
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ROWS = [{"messages": [{"role": "user", "content": f"export number {i} as a gguf file"},
@@ -93,7 +93,7 @@ def test_quantized_base_is_bit_equal_to_what_training_holds(base, nf4_base, quan
         tensor = rebuilt.get(name)
         assert tensor.dtype == torch.float32
         if name in quantized:
-            expected = dequantize_weight(modules[name[: -len(".weight")]], compute)
+            expected = dequantize(modules[name[: -len(".weight")]]).to(compute)
         else:
             expected = parameters[name].detach()
             assert expected.dtype == compute

@@ -7,7 +7,6 @@ import warnings
 import torch
 
 from .errors import ConfigError, check_number, show
-from .kernels import install_fast_path
 
 # PEFT reads a transformers attribute that transformers 5 deprecates; the warning is about their code, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -27,7 +26,7 @@ def _target_modules(targets) -> str | list[str]:
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    return isinstance(module, torch.nn.Linear)  # bitsandbytes' Linear4bit and Linear8bitLt are Linear subclasses
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
@@ -85,7 +84,8 @@ def add_lora(
     'auto' follows DESIGN.md's table, an explicit one is validated against it). With `fused` (the default) the
     LoRA linear layers run through qlorakit.kernels.lora_linear, which adds the adapter's delta to the base output
     before rounding to the compute dtype, and packed rows get per-example attention (qlorakit.kernels.attention);
-    PEFT's layers and transformers' sdpa attention otherwise. Returns the PEFT model."""
+    PEFT's layers and transformers' sdpa attention otherwise; `qlorakit.fast_path_report(model)` says what took the
+    kernels (it is logged to the 'qlorakit' logger, as a warning when something falls back). Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
     from .config import LORA_RANGES
@@ -122,17 +122,24 @@ def add_lora(
             f"its linear layers are named: {', '.join(_linear_names(model)) or 'none'}"
         ) from None
     if fused:
+        from .fast_path import install_fast_path
+
         install_fast_path(peft_model, precision.compute)
     return precision.attach(peft_model)
 
 
 def read_adapter_info(path) -> dict:
     """What an adapter directory says about its base: PEFT's adapter_config.json, and qlorakit.json when qlorakit
-    wrote it (base source, quantization, dtype)."""
+    wrote it (base source, quantization, dtype). A qlorakit adapter's files must be those its qlorakit.json
+    records (see save_adapter); a plain PEFT adapter, without qlorakit.json, has no record to check."""
     from pathlib import Path
 
     path = Path(path)
     config_file = path / "adapter_config.json"
+    extra = path / "qlorakit.json"
+    saved = _json_object(extra, "what qlorakit recorded about the base") if path.is_dir() and extra.is_file() else {}
+    if saved:
+        _check_saved_together(path, saved)
     if not path.is_dir() or not config_file.is_file():
         raise ConfigError(
             f"{path}: not an adapter directory (no adapter_config.json); pass the --output directory of a "
@@ -140,9 +147,7 @@ def read_adapter_info(path) -> dict:
         )
     if not (path / "adapter_model.safetensors").is_file():
         raise ConfigError(f"{path}: adapter_model.safetensors is missing (qlorakit loads safetensors adapters only)")
-    extra = path / "qlorakit.json"
-    return {"peft": _json_object(config_file, "PEFT's adapter settings"),
-            "qlorakit": _json_object(extra, "what qlorakit recorded about the base") if extra.is_file() else {}}
+    return {"peft": _json_object(config_file, "PEFT's adapter settings"), "qlorakit": saved}
 
 
 def _json_object(file, what: str) -> dict:
@@ -205,5 +210,105 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: b
             f"{show(info['peft'].get('base_model_name_or_path'))}"
         ) from None
     if fused:
+        from .fast_path import install_fast_path
+
         install_fast_path(peft_model, precision.compute)
     return precision.attach(peft_model)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+# The files of a saved adapter that are loaded (PEFT's model card, README.md, is not: editing it changes nothing).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def save_adapter(model, out, cfg, precision, data=None):
+    """Save a training run's adapter into the directory `out`: PEFT's format (adapter_config.json,
+    adapter_model.safetensors and its model card README.md) plus qlorakit.json — how to load the base again
+    (`cfg`: the run's TrainConfig; `precision` its Precision; `data` its TrainingData, for the format) and the size
+    and SHA-256 of each file of ADAPTER_FILES. Returns `out`.
+
+    The files are one unit: staged together, then renamed into place one at a time, qlorakit.json first. Its
+    record names the new files, so until the last rename a reader finds a file missing or one that does not match
+    the record (an earlier save's config or weights) and read_adapter_info refuses the directory; a kill never
+    leaves files of two saves that load together. (Renaming one directory would be a single step, but PEFT reads
+    the files at the top of the directory the user names, which also holds the rest of the run.)"""
+    import json
+    from pathlib import Path
+
+    from .outputs import staged_files
+    from .precision import dtype_name
+
+    out = Path(out)
+    with staged_files(out, order=("qlorakit.json", "README.md", *ADAPTER_FILES)) as tmp:
+        peft_config = model.peft_config["default"]
+        base_path = peft_config.base_model_name_or_path
+        peft_config.base_model_name_or_path = str(cfg.model)  # the source as given, not a cache directory
+        try:
+            # save_embedding_layers=False: qlorakit never adapts embeddings, and PEFT's "auto" asks the Hub for
+            # the base's config.json when base_model_name_or_path is a name (the default model's is).
+            model.save_pretrained(tmp, save_embedding_layers=False)
+        finally:
+            peft_config.base_model_name_or_path = base_path
+        record = {
+            "base_model": str(cfg.model), "quant": cfg.quant, "double_quant": cfg.double_quant,
+            "dtype": dtype_name(precision.compute), "adapter_dtype": dtype_name(precision.adapter),
+            "format": data.format if data else None, "max_length": cfg.max_length,
+            "files": {name: _file_record(tmp / name) for name in ADAPTER_FILES},
+        }
+        (tmp / "qlorakit.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+def _file_record(file) -> dict:
+    return {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+
+
+_HASHED: dict = {}  # (device, inode, size, mtime) -> SHA-256
+
+
+def _sha256(file) -> str:
+    """The file's SHA-256, remembered by its identity (device, inode, size, modification time, which a rename
+    keeps): an adapter's record is read several times per command (train, merge, export), its weights hashed once."""
+    import hashlib
+
+    stat = file.stat()
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity not in _HASHED:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if len(_HASHED) >= 64:
+            _HASHED.clear()
+        _HASHED[identity] = digest.hexdigest()
+    return _HASHED[identity]
+
+
+def _check_saved_together(path, saved: dict) -> None:
+    """Refuse a qlorakit adapter whose files are not those its qlorakit.json records (save_adapter): a save cut
+    short, or a file copied in from another adapter. qlorakit.json written before the record existed has none."""
+    files = saved.get("files")
+    where = path / "qlorakit.json"
+    if files is None:
+        return
+    if not isinstance(files, dict) or not all(
+            isinstance(files.get(name), dict) and isinstance(files[name].get("bytes"), int)
+            and isinstance(files[name].get("sha256"), str) for name in ADAPTER_FILES):
+        raise ConfigError(f"{where}: 'files' is {show(files)}, not the record of the adapter's files (for each of "
+                          f"{', '.join(ADAPTER_FILES)}: bytes and sha256); save the adapter again")
+    fix = ("the adapter's files are from different saves (a save cut short, or a file copied in from another "
+           "adapter): save it again, or continue its run from the last checkpoint (qlorakit train --resume). A file "
+           "you edited on purpose: delete the 'files' entry of qlorakit.json")
+    for name in ADAPTER_FILES:
+        file, expected = path / name, files[name]
+        if not file.is_file():
+            raise ConfigError(f"{file}: missing, though {where} records it; {fix}")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            found = f"{size:,} bytes, where it records {expected['bytes']:,}"
+        elif _sha256(file) != expected["sha256"]:
+            found = "other contents (SHA-256) than it records"
+        else:
+            continue
+        raise ConfigError(f"{file}: does not match {where} ({found}); {fix}")

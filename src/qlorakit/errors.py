@@ -25,6 +25,11 @@ class DataError(QLoraKitError, ValueError):
     """A data file or one of its rows cannot be used; the message names the file, line and field."""
 
 
+class UpstreamError(QLoraKitError, RuntimeError):
+    """An installed library (peft, bitsandbytes, transformers, accelerate, torch) no longer has an internal that
+    qlorakit relies on; the message names it and the versions qlorakit supports (qlorakit.upstream)."""
+
+
 class TrainingError(QLoraKitError, RuntimeError):
     """Training cannot go on (for example a non-finite loss outside fp16); the last good checkpoint is intact."""
 

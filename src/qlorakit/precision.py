@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import PrecisionError
+from .upstream import bitsandbytes as bnb
 
 # The dtype names qlorakit accepts and writes: the one table (config, CLI, merge and qlorakit.json all use it).
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # what qlorakit computes in, stores and saves
@@ -102,6 +103,20 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_amx_tiles() -> bool:
+    return "amx_tile" in _cpu_flags()
+
+
+def attention_kernel_dtype(compute: torch.dtype) -> torch.dtype:
+    """The dtype torch's CPU flash-attention kernel runs in for the packed attention (kernels/attention.py): the
+    compute dtype on CPUs with AMX tiles; fp32 elsewhere, where the kernel's half-precision path converts blocks to
+    fp32 anyway and its backward is slower (a mixed-length batch of SmolLM2's shapes, forward plus backward: 98 ms
+    in bf16, 88 ms in fp32 per layer), and fp32 puts the key/value gradients 3-5x closer to fp64 (they sum over the
+    query heads that share them). Its inputs and outputs stay in the compute dtype."""
+    return compute if _cpu_has_amx_tiles() else torch.float32
+
+
 def _matmul_seconds(dtype: torch.dtype, repeats: int = 5) -> float:
     # A LoRA-training-shaped product: tokens x hidden times hidden x intermediate (SmolLM2-sized).
     a = torch.randn(512, 576, dtype=dtype)
@@ -143,23 +158,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------- the policy
-
-
-def _is_quantized_param(param: torch.Tensor) -> bool:
-    # bitsandbytes keeps 4-bit weights as Params4bit (uint8 storage) and 8-bit weights as Int8Params (int8).
-    return type(param).__name__ in ("Params4bit", "Int8Params") or not param.dtype.is_floating_point
-
-
-def own_weight(module: torch.nn.Module):
-    """The module's own `weight` parameter; None for wrappers (PEFT's LoRA layers) that only forward one."""
-    return dict(module.named_parameters(recurse=False)).get("weight")
-
-
-def _linear4bit_modules(model: torch.nn.Module):
-    for name, module in model.named_modules():
-        weight = own_weight(module)
-        if type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None:
-            yield name, module
 
 
 # Names PEFT gives to what it trains: LoRA matrices (and DoRA magnitudes), and full copies in modules_to_save.
@@ -242,6 +240,10 @@ class Precision:
         """
         return torch.amp.GradScaler(self.device_type, init_scale=init_scale) if self.uses_grad_scaler else None
 
+    def trainer_flags(self) -> dict[str, bool]:
+        """The fp16/bf16 flags of transformers' TrainingArguments (and TRL's configs) that match this policy."""
+        return {"fp16": self.compute == torch.float16, "bf16": self.compute == torch.bfloat16}
+
     def describe(self) -> str:
         return (
             f"compute {dtype_name(self.compute)} on {self.device_type}, trainable {dtype_name(self.adapter)}, "
@@ -254,27 +256,21 @@ class Precision:
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Put `model` into this policy in place and return it.
 
-        - every 4-bit layer dequantizes to the compute dtype: its stored quant_state.dtype (bf16 in many
-          pre-quantized checkpoints) is rewritten, and its compute dtype pinned so bitsandbytes does not switch
-          it from the first input it sees, nor to its bf16 CPU inference kernel in eval mode;
+        - every 4-bit layer dequantizes to the compute dtype (upstream/bitsandbytes.pin_4bit_compute: its stored
+          quant_state.dtype, bf16 in many pre-quantized checkpoints, is rewritten; its compute dtype pinned; its
+          bf16 CPU inference kernel turned off);
         - frozen floating weights (norms, embeddings, lm_head, biases) are stored in the compute dtype;
         - trainable parameters are stored in the trainable dtype;
         - fused LoRA layers (qlorakit.kernels) compute in the compute dtype.
         Quantized storage and buffers (rotary frequencies stay fp32) are left alone.
         """
-        for _, module in _linear4bit_modules(model):
-            module.weight.quant_state.dtype = dequantized_to(module.weight.quant_type, self.compute)
-            module.compute_dtype = self.compute
-            module.compute_type_is_set = True
-            # bitsandbytes would otherwise repack the weight for its AVX512-BF16 inference kernel the first time
-            # the layer runs in eval mode without gradients: that kernel computes in bf16 whatever the compute
-            # dtype, rounds the block scales to bf16 for good, and its inverse does not restore them exactly.
-            module.support_avx512bf16_for_cpu = False
+        for _, module, _ in bnb.quantized_layers(model, "4bit"):
+            bnb.pin_4bit_compute(module, dequantized_to(bnb.describe_4bit(module)[0], self.compute), self.compute)
         for module in model.modules():
             if getattr(module, "qlorakit_fused", False):
                 module.qlorakit_compute_dtype = self.compute
         for _, param in model.named_parameters():
-            if _is_quantized_param(param):
+            if bnb.is_quantized_tensor(param):
                 continue
             target = self.adapter if param.requires_grad else frozen_dtype(self.compute)
             if param.dtype != target:
@@ -291,21 +287,34 @@ class Precision:
 
     def check(self, model: torch.nn.Module, scaler: torch.amp.GradScaler | None = None) -> None:
         """Raise PrecisionError naming the first parameter (or the scaler) that breaks an invariant."""
-        for name, module in _linear4bit_modules(model):
-            state_dtype = module.weight.quant_state.dtype
-            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        quantized = 0
+        for name, module, kind in bnb.quantized_layers(model):
+            quantized += 1
+            if kind != "4bit":
+                continue
+            if bnb.repacked_for_cpu(module.weight):
                 raise PrecisionError(
                     f"{name}: bitsandbytes repacked this 4-bit layer for its bf16 CPU inference kernel, which "
                     "rounded its block scales to bf16 (rule 1: every 4-bit layer dequantizes to the compute dtype). "
                     "Reload the model through qlorakit.load, which keeps 4-bit layers out of that kernel."
                 )
-            if state_dtype != self.compute or module.compute_dtype != self.compute:
+            state_dtype, layer_compute = bnb.pinned_compute(module)
+            if state_dtype != self.compute or layer_compute != self.compute:
                 raise PrecisionError(
                     f"{name}: 4-bit layer dequantizes to {dtype_name(state_dtype)} (compute dtype "
-                    f"{dtype_name(module.compute_dtype)}) but the compute dtype is {dtype_name(self.compute)} "
+                    f"{dtype_name(layer_compute)}) but the compute dtype is {dtype_name(self.compute)} "
                     "(rule 1: every 4-bit layer dequantizes to the compute dtype). Call Precision.apply(model) "
                     "after loading, or load through qlorakit.load."
                 )
+        loaded_as = getattr(model, "qlorakit_quant", "none")
+        if loaded_as != "none" and quantized == 0:
+            # A check over zero layers would pass without checking anything: bitsandbytes stores its layers
+            # differently now, or the quantization was undone.
+            from .upstream import changed
+
+            raise changed("bitsandbytes", "how it stores quantized layers",
+                          f"the model was loaded as {loaded_as}, but no bitsandbytes 4-bit or 8-bit layer was found "
+                          "in it")
         for name, module in model.named_modules():
             if getattr(module, "qlorakit_fused", False) and module.qlorakit_compute_dtype != self.compute:
                 raise PrecisionError(
@@ -321,7 +330,7 @@ class Precision:
             )
         trainable = 0
         for name, param in model.named_parameters():
-            if _is_quantized_param(param):
+            if bnb.is_quantized_tensor(param):
                 if param.requires_grad:
                     raise PrecisionError(
                         f"{name}: quantized base weight is trainable (rule 3: base weights stay quantized and "

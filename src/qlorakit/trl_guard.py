@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from transformers import TrainerCallback
 
 from .errors import PrecisionError
 from .precision import Precision, dtype_name, precision_of
-
-
-def mixed_precision_flags(precision: Precision) -> dict[str, bool]:
-    """The TrainingArguments fp16/bf16 flags that match the policy."""
-    return {"fp16": precision.compute == torch.float16, "bf16": precision.compute == torch.bfloat16}
+from .upstream import accelerate
 
 
 def _check_args(args, precision: Precision) -> None:
-    wanted = mixed_precision_flags(precision)
+    wanted = precision.trainer_flags()
     for flag, value in wanted.items():
         if bool(getattr(args, flag, False)) != value:
             raise PrecisionError(
@@ -43,7 +38,7 @@ class PrecisionCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.precision.apply(model)
-        self.precision.check(model, self.accelerator.scaler)
+        self.precision.check(model, accelerate.grad_scaler(self.accelerator))
 
 
 def guard(trainer):
@@ -53,13 +48,11 @@ def guard(trainer):
     _check_args(trainer.args, precision)
     precision.apply(trainer.model)
     accelerator = trainer.accelerator
-    if precision.uses_grad_scaler and accelerator.scaler is None:
-        # accelerate gives fp16 a GradScaler on accelerators only; on a CPU it would train fp16 unscaled.
-        accelerator.scaler = precision.grad_scaler()
-        accelerator.native_amp = True  # makes accelerate autocast to fp16 and unscale before clipping
+    if precision.uses_grad_scaler and accelerate.grad_scaler(accelerator) is None:
+        accelerate.give_grad_scaler(accelerator, precision.grad_scaler())
     if not any(isinstance(cb, PrecisionCallback) for cb in trainer.callback_handler.callbacks):
         trainer.add_callback(PrecisionCallback(precision, accelerator))
-    precision.check(trainer.model, accelerator.scaler)
+    precision.check(trainer.model, accelerate.grad_scaler(accelerator))
     return trainer
 
 
@@ -76,7 +69,7 @@ def _sft_trainer_class():
 
         def __init__(self, model=None, args=None, *pos, **kw):
             if model is not None and not isinstance(model, str):
-                flags = mixed_precision_flags(precision_of(model))
+                flags = precision_of(model).trainer_flags()
                 if args is None:
                     args = SFTConfig(output_dir="qlorakit-sft", **flags)
                 elif (bool(args.fp16), bool(args.bf16)) != (flags["fp16"], flags["bf16"]):

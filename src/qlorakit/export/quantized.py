@@ -13,7 +13,7 @@ from ..outputs import check_output, staged_output
 def save_quantized(model, tokenizer, output: str | Path, overwrite: bool = False) -> Path:
     """Save a model from qlorakit.load (quantized, no adapters) and its tokenizer to the directory `output`."""
     from ..data.tokenize import chat_template
-    from ..precision import _linear4bit_modules
+    from ..upstream import bitsandbytes as bnb
 
     if hasattr(model, "peft_config"):
         raise ConfigError("save_quantized saves the base model from qlorakit.load; this one carries LoRA adapters, "
@@ -21,8 +21,8 @@ def save_quantized(model, tokenizer, output: str | Path, overwrite: bool = False
     if not getattr(model, "is_quantized", False):
         raise ConfigError("this model is not quantized (quant='none'); save it with save_pretrained, or load it "
                           "with quant='nf4', 'fp4' or 'int8' first")
-    for name, module in _linear4bit_modules(model):
-        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+    for name, module, _ in bnb.quantized_layers(model, "4bit"):
+        if bnb.repacked_for_cpu(module.weight):
             raise ConfigError(
                 f"{name}: bitsandbytes repacked this 4-bit layer for its bf16 CPU inference kernel (block scales "
                 "rounded to bf16); saving it would keep that loss. Load the model through qlorakit.load, which "

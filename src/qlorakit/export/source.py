@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError, SourceError, show
 from ..precision import dequantized_to, frozen_dtype, quantized_from
+from ..upstream import bitsandbytes as bnb
 
 _QUANT_STATE_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _SAFETENSORS_TO_TORCH = {"F32": torch.float32, "F16": torch.float32, "BF16": torch.float32, "F64": torch.float32,
@@ -85,18 +86,11 @@ class ModelTensors:
         """The tensor `name` in fp32 (integer tensors as stored)."""
         kind = self._quant.get(name)
         if kind == "4bit":
-            import bitsandbytes.functional as bnbf
-
             state = {k[len(name) + 1:]: self._raw(k) for k in self._file_of if k.startswith(f"{name}.")}
-            quant_state = bnbf.QuantState.from_dict(state, device=torch.device("cpu"))
-            if self.compute is not None:
-                quant_state.dtype = dequantized_to(quant_state.quant_type, self.compute)  # as Precision.apply
-            return bnbf.dequantize_4bit(self._raw(name), quant_state).float()
+            dequantized = None if self.compute is None else dequantized_to("4bit", self.compute)  # as Precision.apply
+            return bnb.dequantize_serialized_4bit(self._raw(name), state, dequantized).float()
         if kind == "int8":
-            import bitsandbytes.functional as bnbf
-
-            scales = self._raw(f"{name[:-len('weight')]}SCB")
-            dense = bnbf.int8_vectorwise_dequant(self._raw(name), scales)
+            dense = bnb.dequantize_serialized_int8(self._raw(name), self._raw(f"{name[:-len('weight')]}SCB"))
             return (dense if self.compute is None else dense.to(dequantized_to("int8", self.compute))).float()
         tensor = self._raw(name)
         return tensor.float() if tensor.is_floating_point() else tensor
@@ -147,25 +141,16 @@ class QuantizedBase:
 def _quantize_dequantize(weight: torch.Tensor, quant: str, double_quant: bool, compute: torch.dtype) -> torch.Tensor:
     """The weight as a layer quantized from it dequantizes in the fused LoRA kernel: bitsandbytes' own calls, with
     the arguments its Params4bit / Int8Params use when transformers quantizes a model."""
-    import bitsandbytes.functional as bnbf
-
     from ..load import BLOCKSIZE_4BIT
 
-    weight = weight.to(quantized_from(quant, compute))
-    if quant == "int8":
-        codes, scales, _ = bnbf.int8_vectorwise_quant(weight)
-        return bnbf.int8_vectorwise_dequant(codes, scales).to(dequantized_to(quant, compute))
-    codes, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE_4BIT, compress_statistics=double_quant,
-                                      quant_type=quant, quant_storage=torch.uint8)
-    state.dtype = dequantized_to(quant, compute)  # as Precision.apply sets every 4-bit layer's
-    return bnbf.dequantize_4bit(codes, state).to(dequantized_to(quant, compute))
+    return bnb.quantize_dequantize(weight.to(quantized_from(quant, compute)), quant, double_quant, BLOCKSIZE_4BIT,
+                                   dequantized_to(quant, compute))
 
 
 def _quantized_by_training(directory: Path, quant: str) -> set[str]:
     """The weights qlorakit.load quantizes in this model: transformers' bitsandbytes integration asked on an empty
     (meta-device) model built from config.json — every linear layer except the output head and what the
     architecture keeps unquantized."""
-    import bitsandbytes as bnb
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
 
@@ -184,8 +169,7 @@ def _quantized_by_training(directory: Path, quant: str) -> set[str]:
         ) from None
     settings = _bnb_config(quant, False, Precision(torch.float32, torch.float32))
     AutoHfQuantizer.from_config(settings, pre_quantized=False).preprocess_model(model, device_map={"": "cpu"})
-    return {f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    return {f"{name}.weight" for name, module in model.named_modules() if bnb.is_quantized_linear(module)}
 
 
 def _trained_as(adapter_dir: Path, info: dict) -> tuple[str, bool, torch.dtype]:

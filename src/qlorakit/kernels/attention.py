@@ -4,15 +4,13 @@ A packed row holds several examples end to end with position ids restarting at 0
 handles that with a block-diagonal mask over the whole row, so attention costs (sum of lengths)² — eight examples
 of ~330 tokens cost as much as one of 2,600, about 8x the work that matters, and on a CPU that made attention half
 of a training step. Here each example's block is its own causal attention call (is_causal, no mask), so the cost
-is the sum of the squares. The blocks are read from the mask transformers built (see _segments), so the result is
-sdpa's by construction; anything else — padding (at any batch size), generation with a KV cache, sliding windows,
+is the sum of the squares. The blocks are read from the mask transformers built (block_diagonal_segments; the
+attention function in qlorakit/fast_path.py decides when), so the result is sdpa's by construction; anything else — padding (at any batch size), generation with a KV cache, sliding windows,
 soft-capped logits — goes to transformers' sdpa function unchanged.
 
-On the CPU all segments go through one autograd function that runs torch's flash kernel in fp32 on the
-compute-dtype q/k/v and rounds each result once. On a CPU without AMX tiles (AVX-512/AVX2) the kernel's fp32 path
-is faster than its bf16 one (the bf16 path converts blocks to fp32 anyway, and its backward is the slow part: a
-mixed-length batch of SmolLM2's shapes, forward plus backward, 98 -> 88 ms per layer), and the key/value gradients
-come out 3-5x closer to fp64 (they sum over the query heads that share them). With AMX the bf16 kernel is kept.
+On the CPU all segments go through one autograd function that runs torch's flash kernel in the dtype the
+precision policy gives it (precision.attention_kernel_dtype: fp32 on CPUs without AMX tiles, where it is both
+faster and 3-5x closer to fp64 in the key/value gradients) on the compute-dtype q/k/v, rounding each result once.
 """
 
 from __future__ import annotations
@@ -22,29 +20,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-NAME = "qlorakit_packed"
-
-
-def _segments(module, query, key, attention_mask, kwargs) -> list[tuple[int, int]] | None:
-    """The (start, end) blocks of causal attention that transformers' sdpa would compute for this call, when its mask
-    is exactly block-diagonal causal over one row; None for anything else (padding, a cache, several rows, sliding
-    windows, soft-capping, bidirectional attention), which sdpa handles. Derived from the mask, not from position ids:
-    a left-padded row can have position ids that look like one example, and transformers builds the block-diagonal
-    mask of a packed row only when nothing else is masked."""
-    length = query.shape[2]
-    if query.shape[0] != 1 or key.shape[2] != length:
-        return None
-    if getattr(module, "sliding_window", None) is not None or kwargs.get("softcap") is not None:
-        return None
-    is_causal = kwargs.get("is_causal")
-    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
-        return None
-    if attention_mask is None:  # transformers leaves the mask out when it is plain causal: sdpa's is_causal
-        return [(0, length)]
-    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (1, 1, length, length):
-        return None
-    return _block_diagonal_segments(attention_mask)
-
+from ..upstream.torch_private import flash_attention_cpu
 
 # Every layer of one forward gets the same mask tensor: its blocks are read once (one device sync per forward, not
 # per layer). Keyed on the tensor itself through a weak reference, and its version counter, so a later mask — even
@@ -52,7 +28,9 @@ def _segments(module, query, key, attention_mask, kwargs) -> list[tuple[int, int
 _last_mask: tuple | None = None
 
 
-def _block_diagonal_segments(mask: torch.Tensor) -> list[tuple[int, int]] | None:
+def block_diagonal_segments(mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The (start, end) blocks of a [1, 1, length, length] boolean attention mask (True: attend) that is
+    block-diagonal causal, else None."""
     global _last_mask
     cached = _last_mask
     if cached is not None and cached[0]() is mask and cached[1] == mask._version:
@@ -86,10 +64,6 @@ def _repeat_heads(t: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tens
     return out
 
 
-def _kernel_dtype(compute: torch.dtype) -> torch.dtype:
-    return compute if torch.cpu._is_amx_tile_supported() else torch.float32
-
-
 def _kernel_inputs(query, key, value, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """One segment's q, k, v for the flash kernel: in `dtype`, kv heads repeated to the query heads."""
     heads = query.shape[1]
@@ -97,15 +71,16 @@ def _kernel_inputs(query, key, value, start: int, end: int, dtype: torch.dtype) 
             _repeat_heads(value[:, :, start:end], heads, dtype))
 
 
-class _PackedCausalAttention(torch.autograd.Function):
-    """Causal attention within each (start, end) segment of one packed row: q [1, heads, length, dim], k and v
-    [1, kv_heads, length, dim]; returns [1, length, heads, dim] in q's dtype, as transformers' attention functions
-    do. Saved for the backward: q, k, v and the output in their own dtype and each segment's fp32 log-sum-exp."""
+class PackedCausalAttention(torch.autograd.Function):
+    """Causal attention within each (start, end) segment of one packed row, on the CPU: q [1, heads, length, dim],
+    k and v [1, kv_heads, length, dim]; returns [1, length, heads, dim] in q's dtype, as transformers' attention
+    functions do. `kernel` is the dtype the flash kernel runs in (the precision policy's attention_kernel_dtype).
+    Saved for the backward: q, k, v and the output in their own dtype and each segment's fp32 log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, query, key, value, segments, scale):
-        heads, kernel = query.shape[1], _kernel_dtype(query.dtype)
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    def forward(ctx, query, key, value, segments, scale, kernel):
+        heads = query.shape[1]
+        flash, _ = flash_attention_cpu()
         out = query.new_empty(query.shape[0], query.shape[2], heads, query.shape[3])
         lses = []
         for start, end in segments:
@@ -113,14 +88,14 @@ class _PackedCausalAttention(torch.autograd.Function):
             out[:, start:end] = o.transpose(1, 2)
             lses.append(lse)
         ctx.save_for_backward(query, key, value, out, *lses)
-        ctx.segments, ctx.scale = segments, scale
+        ctx.segments, ctx.scale, ctx.kernel = segments, scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, *lses = ctx.saved_tensors
-        heads, kv_heads, kernel = query.shape[1], key.shape[1], _kernel_dtype(query.dtype)
-        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        heads, kv_heads, kernel = query.shape[1], key.shape[1], ctx.kernel
+        _, flash_backward = flash_attention_cpu()
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
         for (start, end), lse in zip(ctx.segments, lses):
             q, k, v = _kernel_inputs(query, key, value, start, end, kernel)
@@ -130,39 +105,20 @@ class _PackedCausalAttention(torch.autograd.Function):
             grad_q[:, :, start:end] = dq
             grad_k[:, :, start:end] = dk.view(b, kv_heads, heads // kv_heads, n, d).sum(2)
             grad_v[:, :, start:end] = dv.view(b, kv_heads, heads // kv_heads, n, d).sum(2)
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None, None, None
 
 
-def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                             **kwargs):
-    """transformers attention-interface function: per-example causal attention for packed rows, sdpa otherwise."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    segments = _segments(module, query, key, attention_mask, kwargs)
-    if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+def packed_causal_attention(query, key, value, segments: list[tuple[int, int]], scale: float, kernel: torch.dtype,
+                            dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within each (start, end) segment of one packed row (shapes as PackedCausalAttention):
+    torch's CPU flash kernel through PackedCausalAttention, or scaled_dot_product_attention per segment elsewhere
+    (and with dropout). Returns [1, length, heads, dim]."""
     if query.device.type == "cpu" and dropout == 0:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return _PackedCausalAttention.apply(query, key, value, segments, scale), None
-    gqa = getattr(module, "num_key_value_groups", 1) > 1
+        return PackedCausalAttention.apply(query, key, value, segments, scale, kernel)
+    gqa = key.shape[1] != query.shape[1]
     out = torch.cat([
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                       is_causal=True, scale=scaling, enable_gqa=gqa)
+                                       is_causal=True, scale=scale, enable_gqa=gqa)
         for s, e in segments
     ], dim=2)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def install_packed_attention(model) -> bool:
-    """Switch a transformers model that uses sdpa attention to `packed_attention_forward`; True if switched."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(NAME, packed_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # masks for the cases handed to sdpa
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", NAME):
-        return False
-    base.set_attn_implementation(NAME)
-    return base.config._attn_implementation == NAME
+    return out.transpose(1, 2).contiguous()

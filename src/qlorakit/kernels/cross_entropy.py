@@ -3,7 +3,8 @@
 The usual path materialises [tokens x vocab] logits in the compute dtype, an fp32 copy for the loss and an fp32
 gradient of the same size: for 8 x 512 tokens and SmolLM2's 49,152-token vocabulary that is 0.4 + 0.8 + 0.8 GB.
 Here the lm_head product, log-sum-exp and gradient are computed per chunk of tokens, in the same dtypes as the usual
-path (product in the compute dtype, softmax in fp32). As the loss is the last node of the graph, the gradient with
+path: the product in the head weight's dtype (the compute dtype: the policy stores frozen weights in it), softmax in
+fp32. As the loss is the last node of the graph, the gradient with
 respect to the hidden states is computed in the same pass and kept ([tokens x hidden], in place of the hidden
 states); the backward only scales it. Values and gradients are those of `F.cross_entropy` on the full logits.
 """
@@ -69,30 +70,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """(fp32 sum of next-token losses, number of trained tokens) from hidden states [batch, length, hidden] and the
-    frozen output-head weight [vocab, hidden]; labels as for `qlorakit.causal_lm_loss` (unshifted)."""
+    frozen output-head weight [vocab, hidden]; labels as for `qlorakit.causal_lm_loss` (unshifted). The product runs
+    in the weight's dtype, whatever dtype the hidden states arrive in (under autocast they may be fp32)."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     keep = targets != IGNORE_INDEX
     if not bool(keep.all()):  # untrained positions cost nothing (and the function expects none)
         hidden, targets = hidden[keep], targets[keep]
-    total = _ChunkedCrossEntropy.apply(hidden, weight.to(hidden.dtype), targets, chunk or _chunk_tokens(weight.shape[0]))
+    total = _ChunkedCrossEntropy.apply(hidden.to(weight.dtype), weight, targets, chunk or _chunk_tokens(weight.shape[0]))
     return total, int(targets.shape[0])
-
-
-# Causal-LM families whose logits are exactly lm_head(hidden states): no soft-capping, scaling or bias after it.
-_PLAIN_HEADS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "granite", "smollm3"}
-
-
-def output_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
-    """(decoder, lm_head) when the chunked loss can stand in for the model's own logits, else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    head = getattr(base, "lm_head", None)
-    decoder = getattr(base, "model", None)
-    if config is None or getattr(config, "model_type", None) not in _PLAIN_HEADS or decoder is None:
-        return None
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", 1.0) not in (1, 1.0):
-        return None
-    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
-        return None  # a LoRA-wrapped or trainable head: the model's own forward
-    return decoder, head

@@ -16,39 +16,27 @@ this costs little) and returned in the adapters' own dtype. The compute dtype co
 
 from __future__ import annotations
 
-import types
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from ..errors import PrecisionError
 
 
-def dequantize_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen weight of a linear layer as a dense [out, in] tensor in `dtype`: bitsandbytes 4-bit (NF4/FP4,
-    double-quantized or not), bitsandbytes LLM.int8, or a plain floating weight."""
-    weight = base.weight
-    kind = type(weight).__name__
-    if kind == "Params4bit":
-        import bitsandbytes.functional as bnbf
-
-        state = weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            raise PrecisionError(
-                "a 4-bit layer was repacked by bitsandbytes for its bf16 CPU inference kernel (its block scales are "
-                "now rounded to bf16); load the model through qlorakit.load, which keeps 4-bit layers out of it"
-            )
-        dense = bnbf.dequantize_4bit(weight.data, state)
-    elif kind == "Int8Params":
-        import bitsandbytes.functional as bnbf
-
-        # The row scales live on the parameter until bitsandbytes' own forward moves them to the layer's state.
-        scales = weight.SCB if getattr(weight, "SCB", None) is not None else base.state.SCB
-        dense = bnbf.int8_vectorwise_dequant(weight.data, scales)
-    else:
-        dense = weight
-    return dense.to(dtype)
+def frozen_weight(base, compute: torch.dtype) -> torch.Tensor:
+    """The dense [out, in] weight of a frozen base (anything with `dense(dtype)` and `bias`: qlorakit's
+    FrozenLinear over a 4-bit, LLM.int8 or plain layer) in the compute dtype. The precision policy guarantees that
+    dtype — 4-bit layers dequantize to it (rule 1), frozen weights are stored in it — so another one is a policy
+    violation, reported, never cast away (a cast here would hide it on eval and chat paths that never run
+    Precision.check)."""
+    dense = base.dense(compute)
+    if dense.dtype != compute:
+        raise PrecisionError(
+            f"a frozen base weight gives {str(dense.dtype).replace('torch.', '')} values but the compute dtype is "
+            f"{str(compute).replace('torch.', '')} (the precision policy: every frozen and dequantized weight is in "
+            "the compute dtype). Something changed the model after qlorakit set it up; call "
+            "qlorakit.precision_of(model).apply(model)"
+        )
+    return dense
 
 
 def _concatenate(parts: list[torch.Tensor], dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -82,7 +70,7 @@ def lora_product(x2, base, a, b, scale, compute, x_lora=None, b_bias=None):
     (the adapter's input after dropout) or x and b_B is B's own bias (PEFT's lora_bias; None without); returns
     (output, x'·Aᵀ), which the fused functions save for the LoRA gradients."""
     xa = (x2 if x_lora is None else x_lora) @ a.to(compute).t()
-    weight = dequantize_weight(base, compute)
+    weight = frozen_weight(base, compute)
     bias = base.bias
     if compute == torch.float32:
         out = torch.addmm(x2 @ weight.t(), xa, b.to(compute).t(), alpha=scale)
@@ -128,7 +116,7 @@ class _LoRALinear(torch.autograd.Function):
         scale, compute = ctx.scale, ctx.compute
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(compute)
-            weight = dequantize_weight(ctx.base, compute)
+            weight = frozen_weight(ctx.base, compute)
             a = lora_a.to(compute)
             g32 = g.float()
             gb32 = g32 @ lora_b.float()  # [tokens, r]
@@ -152,139 +140,8 @@ class _LoRALinear(torch.autograd.Function):
 
 def lora_linear(x, base, lora_a, lora_b, scale: float, compute: torch.dtype, dropout_p: float = 0.0, training=False,
                 lora_b_bias=None):
-    """x·W0ᵀ (+ bias) + scale·((dropout(x)·Aᵀ)·Bᵀ (+ lora_b_bias)) for the frozen linear layer `base` in the `compute`
-    dtype — PEFT's base(x) + lora_B(lora_A(dropout(x)))·scaling, B's bias (lora_bias) scaled too."""
+    """x·W0ᵀ (+ bias) + scale·((dropout(x)·Aᵀ)·Bᵀ (+ lora_b_bias)) for the frozen linear layer `base` (see
+    frozen_weight) in the `compute` dtype — PEFT's base(x) + lora_B(lora_A(dropout(x)))·scaling, B's bias
+    (lora_bias) scaled too."""
     x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 and training else x
     return _LoRALinear.apply(x, x_lora, lora_a, lora_b, lora_b_bias, float(scale), base, compute)
-
-
-# ---------------------------------------------------------------------------------------------- PEFT layers
-
-
-def _base_supported(base: torch.nn.Module) -> bool:
-    """A frozen linear base: 4-bit, 8-bit or plain weight, no trainable bias (the fused functions give the base no
-    gradient)."""
-    weight = getattr(base, "weight", None)
-    if weight is None or weight.requires_grad:
-        return False
-    bias = getattr(base, "bias", None)
-    if bias is not None and bias.requires_grad:
-        return False
-    kind = type(weight).__name__
-    if kind == "Params4bit":
-        return getattr(weight, "quant_state", None) is not None
-    if kind == "Int8Params":
-        return weight.dtype == torch.int8  # not yet quantized (has_fp16_weights): bitsandbytes' forward
-    return type(base) is torch.nn.Linear  # a subclass may compute something else than x·Wᵀ + b
-
-
-def _dropout_p(module: torch.nn.Module) -> float | None:
-    if isinstance(module, torch.nn.Identity):
-        return 0.0
-    if type(module) is torch.nn.Dropout:
-        return module.p
-    return None
-
-
-class LoRAParts(NamedTuple):
-    base: torch.nn.Module
-    a: torch.Tensor
-    b: torch.Tensor
-    b_bias: torch.Tensor | None  # PEFT's lora_bias: lora_B has a bias, scaled with the product
-    scale: float
-    dropout_p: float
-
-
-def fast_path_parts(layer) -> LoRAParts | None:
-    """What the fused functions need from `layer` (a PEFT LoRA linear routed by install_fused_lora), or None for
-    every case PEFT's forward must handle: disabled or merged adapters, several active adapters, DoRA and other
-    variants (aLoRA, ...), a non-standard dropout, lora_A/lora_B that are not plain linear layers (lora_A with a
-    bias), fan_in_fan_out weights, a base with trainable weight or bias. Read at each call, not at install: adapters
-    can be added, switched, merged or made trainable afterwards."""
-    if not getattr(layer, "qlorakit_fused", False):
-        return None
-    active = layer.active_adapters
-    name = active[0] if len(active) == 1 else None
-    if name not in layer.lora_A or layer.disable_adapters or layer.merged:
-        return None
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    dropout_p = _dropout_p(layer.lora_dropout[name])
-    if (
-        dropout_p is None or name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False)
-        or name in getattr(layer, "lora_magnitude_vector", {}) or getattr(layer, "fan_in_fan_out", False)
-        or type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear or lora_a.bias is not None
-        or not _base_supported(base := layer.get_base_layer())
-    ):
-        return None
-    return LoRAParts(base, lora_a.weight, lora_b.weight, lora_b.bias, layer.scaling[name], dropout_p)
-
-
-def runs_its_own_hooks(module: torch.nn.Module) -> bool:
-    """Whether calling `module` would run hooks (its own or global ones: PEFT's per-row adapter_names, a user's
-    probe) — a fused block that computes the module's output without calling it must then call it instead."""
-    from torch.nn.modules import module as nn_module
-
-    return bool(
-        module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
-        or nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
-        or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks
-    )
-
-
-def _take_precomputed(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """The output a fused multi-layer function (qkv.py) computed for `layer` on exactly this input, handed over
-    once."""
-    ready = layer.__dict__.get("qlorakit_precomputed")
-    if ready is None or ready[0] is not x:
-        return None
-    layer.qlorakit_precomputed = None
-    return ready[1]
-
-
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Forward of a PEFT LoRA linear layer through `lora_linear`, or PEFT's own (see fast_path_parts)."""
-    ready = None if args or kwargs else _take_precomputed(self, x)
-    if ready is not None:
-        return ready
-    parts = None if args or kwargs else fast_path_parts(self)
-    if parts is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    return lora_linear(x, parts.base, parts.a, parts.b, parts.scale, self.qlorakit_compute_dtype, parts.dropout_p,
-                       self.training, parts.b_bias)
-
-
-def install_fused_lora(model: torch.nn.Module, compute: torch.dtype) -> int:
-    """Route every eligible PEFT LoRA linear layer of `model` through `lora_linear` in the `compute` dtype;
-    returns how many layers were routed. The PEFT modules stay as they are (state dict, saving, merging)."""
-    from peft.tuners.lora import LoraLayer
-
-    count = 0
-    for module in model.modules():
-        if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
-            continue
-        if not _base_supported(module.get_base_layer()):
-            continue
-        module.qlorakit_compute_dtype = compute
-        if not getattr(module, "qlorakit_fused", False):
-            module.forward = types.MethodType(_fused_forward, module)
-            module.qlorakit_fused = True
-        count += 1
-    return count
-
-
-def install_block_forward(model: torch.nn.Module, projections: tuple[str, ...], forward, marker: str,
-                          required=()) -> int:
-    """Give every module whose `projections` are all fused LoRA layers (and which has the `required` attributes)
-    the fused `forward`, marking it with `marker`; returns how many modules qualify. Recognition is by structure,
-    not class name, so every Llama-family architecture takes it."""
-    count = 0
-    for module in model.modules():
-        if not all(getattr(getattr(module, n, None), "qlorakit_fused", False) for n in projections):
-            continue
-        if not all(hasattr(module, attribute) for attribute in required):
-            continue
-        if not getattr(module, marker, False):
-            module.forward = types.MethodType(forward, module)
-            setattr(module, marker, True)
-        count += 1
-    return count

@@ -5,25 +5,17 @@ Per layer, autograd would produce three input gradients, each rounded to bf16/fp
 saved once (as the norm's input when it is an rms_norm output, see rmsnorm.py) and its gradient is one matrix product over [dq, dk, dv, s·dq·Bq, s·dk·Bk, s·dv·Bv] · [Wq; Wk; Wv; Aq;
 Ak; Av], accumulated in fp32 and rounded once (see lora.py for why the rounding matters). Frozen biases (Qwen2) are
 kept, and so are the B biases of PEFT's lora_bias. The output projection takes the single-layer function in lora.py; it has its own input.
-
-Hooked in without touching the model's attention code: the attention module's forward computes the three outputs
-first and hands each projection its own, which the projection returns when it is called on that same input; an
-architecture that transforms the input before projecting simply recomputes, so the result is always right.
-Recognised by structure — q_proj, k_proj, v_proj that are fused LoRA layers — not by class name.
+(qlorakit/fast_path.py hooks it into attention modules.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from .lora import (_one_rounding_matmul, dequantize_weight, fast_path_parts, install_block_forward, lora_bias_grad,
-                   lora_product, runs_its_own_hooks)
+from .lora import _one_rounding_matmul, frozen_weight, lora_bias_grad, lora_product
 from .rmsnorm import compact_input, restore_input
 
-NAMES = ("q_proj", "k_proj", "v_proj")
-
-
-class _LoRASharedInput(torch.autograd.Function):
+class LoRASharedInput(torch.autograd.Function):
     """Several LoRA linear layers applied to one input: outputs x·Wᵢᵀ (+ biasᵢ) + sᵢ·((x·Aᵢᵀ)·Bᵢᵀ (+ b_Bᵢ)); `lora`
     is (Aᵢ, Bᵢ, b_Bᵢ) per layer, b_Bᵢ None without lora_bias."""
 
@@ -60,35 +52,8 @@ class _LoRASharedInput(torch.autograd.Function):
                 lora_grads += [(scale * (gb32.t() @ x32)).to(a.dtype), (scale * (g32.t() @ xa.float())).to(b.dtype),
                                lora_bias_grad(g32, scale, b_bias)]
                 left += [g, gb32 * scale]
-                right += [dequantize_weight(base, c), a]
+                right += [frozen_weight(base, c), a]
             grad_x = None
             if ctx.needs_input_grad[0] and left:
                 grad_x = _one_rounding_matmul(left, right, dtype=c).reshape(*ctx.lead, -1)
         return (grad_x, None, None, None, *lora_grads)
-
-
-def _fused_attention_forward(self, *args, **kwargs):
-    """The attention module's own forward, with q, k and v computed beforehand by `_LoRASharedInput`."""
-    x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
-    projections = [getattr(self, name) for name in NAMES]
-    parts = [fast_path_parts(p) for p in projections]
-    # A projection with hooks may be called with other arguments (PEFT's per-row adapter_names): it computes its own.
-    if (not isinstance(x, torch.Tensor) or any(p is None or (p.dropout_p > 0 and self.training) for p in parts)
-            or any(runs_its_own_hooks(p) for p in projections)):
-        return type(self).forward(self, *args, **kwargs)
-    lora = [t for p in parts for t in (p.a, p.b, p.b_bias)]
-    outs = _LoRASharedInput.apply(x, tuple(p.base for p in parts), tuple(float(p.scale) for p in parts),
-                                  projections[0].qlorakit_compute_dtype, *lora)
-    for projection, out in zip(projections, outs):
-        projection.qlorakit_precomputed = (x, out)
-    try:
-        return type(self).forward(self, *args, **kwargs)
-    finally:
-        for projection in projections:
-            projection.qlorakit_precomputed = None
-
-
-def install_fused_qkv(model: torch.nn.Module) -> int:
-    """Route every attention module whose q, k and v projections are fused LoRA layers through
-    `_LoRASharedInput`; returns how many."""
-    return install_block_forward(model, NAMES, _fused_attention_forward, "qlorakit_fused_qkv")

@@ -14,16 +14,10 @@ activations per decoder layer.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-# Norm classes that compute exactly `weight * (x.float() * rsqrt(mean(x.float()²) + eps)).to(x.dtype)`.
-LLAMA_STYLE_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
-                     "SmolLM3RMSNorm", "GraniteRMSNorm"}
-
-
-def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight · (x / sqrt(mean(x²) + eps)) rounded back to x's dtype, the fp32 1/rms per row): the Llama RMSNorm."""
     x32 = x.float()
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (x32 * rstd).to(x.dtype), rstd
@@ -32,7 +26,7 @@ def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        out, rstd = _normalize(x, weight, eps)
+        out, rstd = normalize(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
         return out
 
@@ -65,22 +59,4 @@ def restore_input(saved: torch.Tensor, recipe: tuple | None, shape: torch.Size) 
     if recipe is None:
         return saved
     with torch.no_grad():
-        return _normalize(saved, *recipe)[0].reshape(shape)
-
-
-def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if self.weight.requires_grad or not torch.is_grad_enabled():
-        return type(self).forward(self, hidden_states)
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-
-
-def install_rms_norm(model: torch.nn.Module) -> int:
-    """Route the model's Llama-style RMSNorm modules through `rms_norm`; returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ in LLAMA_STYLE_NORMS and hasattr(module, "variance_epsilon"):
-            if not getattr(module, "qlorakit_fused_norm", False):
-                module.forward = types.MethodType(_forward, module)
-                module.qlorakit_fused_norm = True
-            count += 1
-    return count
+        return normalize(saved, *recipe)[0].reshape(shape)

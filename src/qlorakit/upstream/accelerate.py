@@ -1,0 +1,31 @@
+"""accelerate: the grad scaler of the Accelerator inside a transformers/TRL trainer.
+
+accelerate gives fp16 mixed precision a GradScaler on accelerators only; on a CPU it would train fp16 unscaled.
+The guard gives it one through the two attributes accelerate's own fp16 path sets (`scaler`, and `native_amp`,
+which makes it autocast to fp16 and unscale before clipping)."""
+
+from __future__ import annotations
+
+from . import changed
+
+PACKAGE = "accelerate"
+_ATTRIBUTES = ("scaler", "native_amp")
+
+
+def _check(accelerator) -> None:
+    for attribute in _ATTRIBUTES:
+        if not hasattr(accelerator, attribute):
+            raise changed(PACKAGE, f"Accelerator.{attribute}", "it is gone")
+
+
+def grad_scaler(accelerator):
+    """The accelerator's GradScaler, or None."""
+    _check(accelerator)
+    return accelerator.scaler
+
+
+def give_grad_scaler(accelerator, scaler) -> None:
+    """Make the accelerator scale losses with `scaler` and autocast, as its own fp16 path does on a GPU."""
+    _check(accelerator)
+    accelerator.scaler = scaler
+    accelerator.native_amp = True

@@ -1,0 +1,234 @@
+"""transformers: the attention registry and the conventions of an attention call, the shapes of the modules the fast
+path computes itself (gated MLP, RMSNorm, output head: each formula checked on the module, not assumed from its class
+name), activation checkpointing, and the quantizer a GGUF conversion drops."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from . import changed, require
+
+PACKAGE = "transformers"
+
+
+# -- attention ---------------------------------------------------------------------------------------------
+
+
+def register_attention(name: str, function) -> None:
+    """Register `function` as attention implementation `name`, with sdpa's masks (the cases it hands to sdpa)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError as e:
+        raise changed(PACKAGE, "the attention registry (AttentionInterface, masking_utils)", str(e)) from None
+    require(PACKAGE, AttentionInterface, "register", "AttentionInterface")(name, function)
+    require(PACKAGE, ALL_MASK_ATTENTION_FUNCTIONS, "register", "ALL_MASK_ATTENTION_FUNCTIONS")(name, sdpa_mask)
+
+
+def sdpa_attention():
+    """transformers' own sdpa attention function, which the packed attention hands every other case to."""
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError as e:
+        raise changed(PACKAGE, "transformers.integrations.sdpa_attention.sdpa_attention_forward", str(e)) from None
+    return sdpa_attention_forward
+
+
+def attention_implementation(model) -> str | None:
+    return getattr(_base(model).config, "_attn_implementation", None)
+
+
+def set_attention_implementation(model, name: str) -> None:
+    base = _base(model)
+    require(PACKAGE, base, "set_attn_implementation", type(base).__name__)(name)
+    if attention_implementation(model) != name:
+        raise changed(PACKAGE, "set_attn_implementation", f"config._attn_implementation did not become {name!r}")
+
+
+def packed_causal_segments(module, query, key, attention_mask, kwargs, read_blocks) -> list[tuple[int, int]] | None:
+    """The (start, end) blocks of causal attention that transformers' sdpa would compute for this attention call,
+    when its mask is exactly block-diagonal causal over one row (`read_blocks` reads a [length, length] boolean
+    mask); None for anything else (padding, a cache, several rows, sliding windows, soft-capping, bidirectional
+    attention), which sdpa handles. Derived from the mask, not from position ids: a left-padded row can have
+    position ids that look like one example, and transformers builds the block-diagonal mask of a packed row only
+    when nothing else is masked. transformers leaves the mask out (None) when it is plain causal."""
+    length = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != length:
+        return None
+    if getattr(module, "sliding_window", None) is not None or kwargs.get("softcap") is not None:
+        return None
+    is_causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
+        return None
+    if attention_mask is None:
+        return [(0, length)]
+    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (1, 1, length, length):
+        return None
+    return read_blocks(attention_mask)
+
+
+# -- module shapes -------------------------------------------------------------------------------------------
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _probe(module: torch.nn.Module, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)  # a fixed input, not the global RNG the run is seeded with
+    return torch.randn(1, 3, width, generator=generator).to(device=device, dtype=dtype)
+
+
+def _eval_mode(module: torch.nn.Module):
+    """Context: `module` and its children in eval mode (dropout off), restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        modes = [(m, m.training) for m in module.modules()]
+        module.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    return scope()
+
+
+def gated_mlp_mismatch(module, compute: torch.dtype) -> str | None:
+    """None when `module` computes down(act(gate(x)) · up(x)) from its gate_proj, up_proj, down_proj and act_fn —
+    checked by running its own forward once on a fixed input against that formula — else why not. The result is
+    kept per class: a class computes one formula."""
+    names = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        return f"no {', '.join(missing)}"
+    return _formula_checked(type(module), "mlp", lambda: _check_gated_mlp(module, compute))
+
+
+def _check_gated_mlp(module, compute) -> str | None:
+    weight = next((p for p in module.parameters() if p.dtype.is_floating_point), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    width = getattr(module.gate_proj, "in_features", None)
+    if width is None:
+        return "gate_proj has no in_features"
+    x = _probe(module, width, compute, device)
+    with torch.no_grad(), _eval_mode(module):
+        own = type(module).forward(module, x)
+        formula = module.down_proj(module.act_fn(module.gate_proj(x)) * module.up_proj(x))
+    if not isinstance(own, torch.Tensor) or own.shape != formula.shape or not torch.allclose(
+            own.float(), formula.float(), rtol=1e-3, atol=1e-5):
+        return f"{type(module).__name__}.forward computes something other than down(act(gate(x)) * up(x))"
+    return None
+
+
+def rms_norm_mismatch(module, normalize) -> str | None:
+    """None when `module` is an RMSNorm computing `normalize(x, weight, eps)` (the Llama formula, see
+    kernels/rmsnorm.py) — checked by running its forward once on a fixed input — else why not (kept per class)."""
+    if not isinstance(getattr(module, "weight", None), torch.Tensor) or not hasattr(module, "variance_epsilon"):
+        return "not an RMSNorm with weight and variance_epsilon"
+    if "norm" not in type(module).__name__.lower():
+        return "not a norm"
+    return _formula_checked(type(module), "norm", lambda: _check_rms_norm(module, normalize))
+
+
+def _check_rms_norm(module, normalize) -> str | None:
+    weight = module.weight
+    if weight.dim() != 1:
+        return "the weight is not a vector"
+    x = _probe(module, weight.shape[0], weight.dtype, weight.device)
+    with torch.no_grad():
+        own = type(module).forward(module, x)
+        formula = normalize(x, weight, float(module.variance_epsilon))[0]
+    if not isinstance(own, torch.Tensor) or own.shape != formula.shape or not torch.equal(own, formula):
+        return f"{type(module).__name__}.forward computes something other than the Llama RMSNorm"
+    return None
+
+
+_FORMULA_CHECKS: dict = {}
+
+
+def _formula_checked(cls, what: str, check) -> str | None:
+    key = (cls, what)
+    if key not in _FORMULA_CHECKS:
+        _FORMULA_CHECKS[key] = check()
+    return _FORMULA_CHECKS[key]
+
+
+# Causal-LM families whose logits are exactly lm_head(last hidden state): no soft-capping, scaling or bias after it.
+_PLAIN_HEADS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "granite", "smollm3"}
+
+
+def plain_output_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | str:
+    """(decoder, lm_head) when the model's logits are exactly lm_head(decoder(...).last_hidden_state), so a loss
+    may be computed from the hidden states; else why not."""
+    base = _base(model)
+    config = getattr(base, "config", None)
+    head = getattr(base, "lm_head", None)
+    decoder = getattr(base, "model", None)
+    if config is None or decoder is None:
+        return "no decoder and config"
+    if getattr(config, "model_type", None) not in _PLAIN_HEADS:
+        return f"model_type {getattr(config, 'model_type', None)!r} is not known to compute plain lm_head logits"
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", 1.0) not in (1, 1.0):
+        return "the logits are soft-capped or scaled"
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return "lm_head is adapted or has a bias"
+    if head.weight.requires_grad:
+        return "lm_head is trainable"
+    return decoder, head
+
+
+# -- training and loading -------------------------------------------------------------------------------------
+
+
+def enable_checkpointing(model, offload: bool = False) -> None:
+    """Activation checkpointing on every decoder layer (non-reentrant); with `offload`, the checkpointed inputs go
+    to pinned CPU memory (transformers' activation offloading)."""
+    from ..errors import ConfigError
+
+    base = _base(model)
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is None:  # transformers before the rename
+        if offload:
+            import transformers
+
+            raise ConfigError(
+                f"offload_activations needs transformers' activation offloading (activation_checkpointing_enable("
+                f"offload=True)), which transformers {transformers.__version__} lacks: upgrade it or leave "
+                "offload_activations off")
+        require(PACKAGE, base, "gradient_checkpointing_enable", type(base).__name__)(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    parameters = inspect.signature(enable).parameters
+    if "activation_checkpointing_kwargs" not in parameters or (offload and "offload" not in parameters):
+        raise changed(PACKAGE, "activation_checkpointing_enable's arguments",
+                      f"it takes {', '.join(parameters)}")
+    kwargs = {"offload": True} if offload else {}
+    enable(activation_checkpointing_kwargs={"use_reentrant": False}, **kwargs)
+
+
+def drop_quantizer(model) -> None:
+    """Make a model that transformers loaded from a GGUF file (dequantized to plain weights) save as a plain model:
+    without its GGUF quantization marker, transformers would treat the saved directory as GGUF again."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    require(PACKAGE, model, "hf_quantizer", type(model).__name__)
+    model.hf_quantizer = None
+    model.is_quantized = False
+
+
+@functools.lru_cache(maxsize=None)
+def check() -> None:
+    """The attention registry and sdpa function exist (checked once per process)."""
+    sdpa_attention()
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: F401
+    except ImportError as e:
+        raise changed(PACKAGE, "the attention registry (AttentionInterface, masking_utils)", str(e)) from None
