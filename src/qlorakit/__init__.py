@@ -14,9 +14,11 @@
 from .adapters import add_lora, load_adapter
 from .config import TrainConfig
 from .data import load_data
-from .errors import ConfigError, DataError, PrecisionError, QLoraKitError, SourceError, TrainingError
+from .errors import (ConfigError, DataError, PrecisionError, QLoraKitError, SourceError, TrainingError,
+                     UpstreamError)
 from .evaluate import eval_loss, exact_match, generate
 from .export import export_gguf, merge, quantize, save_quantized
+from .fast_path import FastPathReport, fast_path_report
 from .load import DEFAULT_MODEL, QUANT_KINDS, load
 from .loss import causal_lm_loss
 from .precision import Precision, precision_of
@@ -26,9 +28,10 @@ from .trl_guard import PrecisionCallback, guard
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "DataError", "Precision", "PrecisionCallback", "PrecisionError",
+    "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "DataError", "FastPathReport", "Precision", "PrecisionCallback", "PrecisionError",
     "QLoraKitError", "RunResult", "SFTTrainer", "SourceError", "StepResult", "TrainConfig", "TrainStep",
-    "TrainingError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "export_gguf", "generate", "guard",
+    "TrainingError", "UpstreamError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "export_gguf",
+    "fast_path_report", "generate", "guard",
     "load", "load_adapter", "load_data", "merge", "precision_of", "quantize", "save_quantized", "train",
 ]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, SourceError, show
-from .precision import Precision, dtype_name
+from .precision import EXPORT_DTYPE, Precision, dtype_name
 from .upstream import bitsandbytes as bnb
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -215,7 +215,7 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
     check_gguf_file(gguf_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, device_map={"": "cpu"}
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=EXPORT_DTYPE, device_map={"": "cpu"}
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (ValueError, KeyError, NotImplementedError) as e:
@@ -223,15 +223,13 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
             f"{gguf_path}: transformers cannot read this GGUF file ({e}). qlorakit reads the GGUF architectures "
             "transformers supports (llama, mistral, qwen2, qwen3, gemma, ...)."
         ) from e
-    from .upstream.transformers import drop_quantizer
-
-    drop_quantizer(model)  # the weights are now plain fp32, to be saved as a plain model
     from .outputs import atomic_directory, is_disk_full
+    from .upstream.transformers import save_dequantized
 
     try:  # (staged beside the target, locked; a killed conversion's staging goes at the next one)
         # A complete conversion another process put there first stays; an incomplete directory is replaced.
         with atomic_directory(target, replace=target.exists()) as staging:
-            model.save_pretrained(staging, safe_serialization=True)
+            save_dequantized(model, staging)  # the weights are plain fp32 now: a plain model
             tokenizer.save_pretrained(staging)
             _write_gguf_origin(gguf_path, staging)
     except OSError as e:

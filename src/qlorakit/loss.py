@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .data.tokenize import IGNORE_INDEX
 from .errors import PrecisionError
-from .precision import dtype_name
+from .precision import LOSS_DTYPE, dtype_name
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -16,7 +16,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     Returning the sum and the count (not the mean) lets callers normalise by the tokens of a whole accumulated
     batch instead of averaging per-micro-batch means.
     """
-    shift_logits = logits[..., :-1, :].float()
+    shift_logits = logits[..., :-1, :].to(LOSS_DTYPE)
     shift_labels = labels[..., 1:].to(shift_logits.device)
     loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),

@@ -84,6 +84,16 @@ def dequantized_to(quant: str, compute: torch.dtype) -> torch.dtype:
     return compute
 
 
+# -- fp32 by rule, outside the training step ------------------------------------------------------------------
+
+# The loss (log-softmax over the vocabulary) is always computed in fp32 (DESIGN.md).
+LOSS_DTYPE = torch.float32
+# Exports work in fp32: a merge adds the LoRA delta s·B·A to the dequantized base in fp32 and rounds once to the
+# saved dtype, and a GGUF file is encoded from fp32 tensors, so no intermediate rounding precedes the one the user
+# asked for. A GGUF source is converted to fp32 safetensors for the same reason: qlorakit then quantizes it its way.
+EXPORT_DTYPE = torch.float32
+
+
 # ---------------------------------------------------------------------------------------------- hardware
 
 

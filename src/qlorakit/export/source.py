@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, SourceError, show
-from ..precision import dequantized_to, frozen_dtype, quantized_from
+from ..precision import EXPORT_DTYPE, dequantized_to, frozen_dtype, quantized_from
 from ..upstream import bitsandbytes as bnb
 
 _QUANT_STATE_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_SAFETENSORS_TO_TORCH = {"F32": torch.float32, "F16": torch.float32, "BF16": torch.float32, "F64": torch.float32,
+_SAFETENSORS_TO_TORCH = {"F32": EXPORT_DTYPE, "F16": EXPORT_DTYPE, "BF16": EXPORT_DTYPE, "F64": EXPORT_DTYPE,
                          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                          "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -75,9 +75,9 @@ class ModelTensors:
     def dtype(self, name: str) -> torch.dtype:
         """The dtype `get` returns: fp32 for floating and quantized weights, the stored one otherwise."""
         if name in self._quant:
-            return torch.float32
+            return EXPORT_DTYPE
         stored = self._handles[self._file_of[name]].get_slice(name).get_dtype()
-        return _SAFETENSORS_TO_TORCH.get(stored, torch.float32)
+        return _SAFETENSORS_TO_TORCH.get(stored, EXPORT_DTYPE)
 
     def quantized(self, name: str) -> str | None:
         return self._quant.get(name)
@@ -88,12 +88,12 @@ class ModelTensors:
         if kind == "4bit":
             state = {k[len(name) + 1:]: self._raw(k) for k in self._file_of if k.startswith(f"{name}.")}
             dequantized = None if self.compute is None else dequantized_to("4bit", self.compute)  # as Precision.apply
-            return bnb.dequantize_serialized_4bit(self._raw(name), state, dequantized).float()
+            return bnb.dequantize_serialized_4bit(self._raw(name), state, dequantized).to(EXPORT_DTYPE)
         if kind == "int8":
             dense = bnb.dequantize_serialized_int8(self._raw(name), self._raw(f"{name[:-len('weight')]}SCB"))
-            return (dense if self.compute is None else dense.to(dequantized_to("int8", self.compute))).float()
+            return (dense if self.compute is None else dense.to(dequantized_to("int8", self.compute))).to(EXPORT_DTYPE)
         tensor = self._raw(name)
-        return tensor.float() if tensor.is_floating_point() else tensor
+        return tensor.to(EXPORT_DTYPE) if tensor.is_floating_point() else tensor
 
 
 # ---------------------------------------------------------------------------------------------- the base
@@ -135,7 +135,7 @@ class QuantizedBase:
         tensor = tensor.to(frozen_dtype(self.compute))  # what from_pretrained(dtype=compute) and Precision hold
         if name in self._to_quantize:
             tensor = _quantize_dequantize(tensor, self.quant, self.double_quant, self.compute)
-        return tensor.float()
+        return tensor.to(EXPORT_DTYPE)
 
 
 def _quantize_dequantize(weight: torch.Tensor, quant: str, double_quant: bool, compute: torch.dtype) -> torch.Tensor:
@@ -167,7 +167,7 @@ def _quantized_by_training(directory: Path, quant: str) -> set[str]:
             f"({show(str(e).splitlines()[0] if str(e) else type(e).__name__)}); merge into the original weights "
             "with --base original"
         ) from None
-    settings = _bnb_config(quant, False, Precision(torch.float32, torch.float32))
+    settings = _bnb_config(quant, False, Precision(EXPORT_DTYPE, EXPORT_DTYPE))  # (only which layers it quantizes)
     AutoHfQuantizer.from_config(settings, pre_quantized=False).preprocess_model(model, device_map={"": "cpu"})
     return {f"{name}.weight" for name, module in model.named_modules() if bnb.is_quantized_linear(module)}
 
@@ -245,11 +245,11 @@ class LoraWeights:
 
     def delta(self) -> torch.Tensor:
         """s·B·A in fp32, [out, in]."""
-        return (self.b.float() @ self.a.float()) * self.scale
+        return (self.b.to(EXPORT_DTYPE) @ self.a.to(EXPORT_DTYPE)) * self.scale
 
     def bias_delta(self) -> torch.Tensor:
         """s·b_B in fp32, [out]: what PEFT's merge adds to the base layer's bias."""
-        return self.bias.float() * self.scale
+        return self.bias.to(EXPORT_DTYPE) * self.scale
 
 
 _LORA_KEY = re.compile(

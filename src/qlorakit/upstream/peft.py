@@ -38,21 +38,20 @@ def check_layer(layer) -> None:
     """Raise UpstreamError when a LoRA layer lacks an attribute qlorakit reads."""
     for attribute in LAYER_ATTRIBUTES:
         if not hasattr(layer, attribute):
-            raise changed(PACKAGE, f"{type(layer).__name__}.{attribute}", "it is gone from PEFT's LoRA layers")
+            raise changed(PACKAGE, f"LoraLayer.{attribute}", f"{type(layer).__name__} layers have no {attribute}")
 
 
 def lora_linear_layers(model: torch.nn.Module):
-    """(name, layer) of every PEFT LoRA layer of `model` that adapts a linear layer (not an embedding or conv),
-    each checked to have what qlorakit reads."""
+    """(name, layer) of every PEFT LoRA layer of `model` that adapts a linear layer (embeddings and convolutions
+    keep PEFT's forward), each checked to have what qlorakit reads."""
     lora_layer = lora_layer_class()
     for name, module in model.named_modules():
-        if isinstance(module, lora_layer) and hasattr(module, "lora_A") and not _adapts_embedding(module):
-            check_layer(module)
-            yield name, module
-
-
-def _adapts_embedding(layer) -> bool:
-    return isinstance(layer.get_base_layer(), torch.nn.Embedding)
+        if isinstance(module, lora_layer):
+            if not hasattr(module, "get_base_layer"):
+                raise changed(PACKAGE, "LoraLayer.get_base_layer", f"{type(module).__name__} layers have none")
+            if isinstance(module.get_base_layer(), torch.nn.Linear):  # bitsandbytes' layers are Linear subclasses
+                check_layer(module)
+                yield name, module
 
 
 def _dropout_p(module: torch.nn.Module) -> float | None:

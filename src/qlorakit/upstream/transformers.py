@@ -4,7 +4,6 @@ name), activation checkpointing, and the quantizer a GGUF conversion drops."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -24,8 +23,20 @@ def register_attention(name: str, function) -> None:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     except ImportError as e:
         raise changed(PACKAGE, "the attention registry (AttentionInterface, masking_utils)", str(e)) from None
-    require(PACKAGE, AttentionInterface, "register", "AttentionInterface")(name, function)
-    require(PACKAGE, ALL_MASK_ATTENTION_FUNCTIONS, "register", "ALL_MASK_ATTENTION_FUNCTIONS")(name, sdpa_mask)
+    try:
+        require(PACKAGE, AttentionInterface, "register", "AttentionInterface")(name, function)
+        require(PACKAGE, ALL_MASK_ATTENTION_FUNCTIONS, "register", "ALL_MASK_ATTENTION_FUNCTIONS")(name, sdpa_mask)
+    except TypeError as e:
+        raise changed(PACKAGE, "AttentionInterface.register", str(e)) from None
+    # Registered where the models look it up?
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        registered = ALL_ATTENTION_FUNCTIONS[name] is function
+    except (ImportError, KeyError, TypeError):
+        registered = False
+    if not registered:
+        raise changed(PACKAGE, "AttentionInterface.register", f"{name!r} is not in ALL_ATTENTION_FUNCTIONS after it")
 
 
 def sdpa_attention():
@@ -121,7 +132,7 @@ def _check_gated_mlp(module, compute) -> str | None:
         own = type(module).forward(module, x)
         formula = module.down_proj(module.act_fn(module.gate_proj(x)) * module.up_proj(x))
     if not isinstance(own, torch.Tensor) or own.shape != formula.shape or not torch.allclose(
-            own.float(), formula.float(), rtol=1e-3, atol=1e-5):
+            own, formula.to(own.dtype), rtol=1e-3, atol=1e-5):
         return f"{type(module).__name__}.forward computes something other than down(act(gate(x)) * up(x))"
     return None
 
@@ -212,20 +223,25 @@ def enable_checkpointing(model, offload: bool = False) -> None:
     enable(activation_checkpointing_kwargs={"use_reentrant": False}, **kwargs)
 
 
-def drop_quantizer(model) -> None:
-    """Make a model that transformers loaded from a GGUF file (dequantized to plain weights) save as a plain model:
-    without its GGUF quantization marker, transformers would treat the saved directory as GGUF again."""
+def save_dequantized(model, directory) -> None:
+    """Save a model that transformers loaded from a GGUF file (dequantized to plain weights) as a plain model, and
+    check that it was: with its GGUF quantization marker, transformers would treat the directory as GGUF again."""
+    import json
+    from pathlib import Path
+
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    require(PACKAGE, model, "hf_quantizer", type(model).__name__)
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # transformers reads it with getattr(model, "hf_quantizer", None)
+    model.save_pretrained(directory, safe_serialization=True)
+    saved = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" in saved:
+        raise changed(PACKAGE, "how a model converted from a GGUF file is saved",
+                      "its config.json still declares a quantization")
 
 
-@functools.lru_cache(maxsize=None)
 def check() -> None:
-    """The attention registry and sdpa function exist (checked once per process)."""
+    """The attention registry and sdpa function exist."""
     sdpa_attention()
     try:
         from transformers import AttentionInterface  # noqa: F401
