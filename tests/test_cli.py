@@ -87,3 +87,86 @@ def test_errors_exit_2_with_the_message(capsys, tmp_path):
 def test_parser_defaults_leave_config_alone():
     args = build_parser().parse_args(["train"])
     assert all(getattr(args, k) is None for k in ("lr", "rank", "packing", "max_steps", "data"))
+
+
+def _train_parser():
+    return dict(_subparsers(build_parser()))["train"]
+
+
+def test_every_trainconfig_field_is_one_train_flag_with_its_help_choices_and_heading():
+    """`qlorakit train`'s flags are TrainConfig's fields: one each, named after the field, with the field's help,
+    choices and heading, and no default of their own (a flag not given leaves the YAML's value alone)."""
+    from dataclasses import fields
+
+    from qlorakit.config import TrainConfig
+
+    train = _train_parser()
+    actions = [a for a in train._actions if a.option_strings and a.dest not in ("help", "overwrite", "quiet")]
+    assert sorted(a.dest for a in actions) == sorted(f.name for f in fields(TrainConfig))  # exactly one each
+    by_name = {a.dest: a for a in actions}
+    heading_of = {a.dest: g.title for g in train._action_groups for a in g._group_actions}
+    heading = None
+    for f in fields(TrainConfig):
+        action = by_name[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        assert action.option_strings[0] == flag, f.name
+        assert action.default is None, f.name
+        assert action.help.replace("%%", "%").startswith(f.metadata["help"]), f.name
+        if f.default is not None:
+            assert "(default " in action.help, f.name  # the default is shown, from the field
+        assert action.choices == f.metadata["choices"], f.name
+        if isinstance(f.default, bool):
+            assert action.option_strings == [flag, "--no-" + flag[2:]], f.name
+        heading = f.metadata["heading"] or heading
+        assert heading_of[f.name] == heading, f.name
+    assert [g.title for g in train._action_groups][2:] == ["model", "data", "adapters", "optimisation", "run"]
+
+
+def _other_value(f):
+    """A valid value for TrainConfig field `f` that is not its default, and the command line that gives it."""
+    flag = "--" + f.name.replace("_", "-")
+    choices = f.metadata["choices"]
+    if choices:
+        value = next(c for c in reversed(choices) if c != f.default)
+    elif isinstance(f.default, bool):
+        return not f.default, [flag if not f.default else "--no-" + flag[2:]]
+    elif "int" in str(f.type):
+        value = (f.default or 0) + 3
+    elif "float" in str(f.type):
+        value = (f.default or 0.0) + 0.25
+    else:
+        value = f"{f.name}-value"
+    return value, [flag, str(value)]
+
+
+def test_every_train_flag_round_trips_to_its_config_value():
+    from dataclasses import fields
+
+    from qlorakit.config import TrainConfig
+
+    parser = build_parser()
+    for f in fields(TrainConfig):
+        value, argv = _other_value(f)
+        args = parser.parse_args(["train", *argv])
+        config = TrainConfig.build(None, **{g.name: getattr(args, g.name) for g in fields(TrainConfig)})
+        assert getattr(config, f.name) == value and type(getattr(config, f.name)) is type(value), (f.name, value)
+        others = [g.name for g in fields(TrainConfig) if g.name != f.name and getattr(config, g.name) != g.default]
+        assert not others, (argv, others)
+
+
+def test_every_choice_setting_is_checked_against_its_flags_choices():
+    """validate() refuses a value outside a field's choices with the same list the flag offers; dtype also takes
+    the long names (bfloat16) that the precision module reads."""
+    from dataclasses import fields
+
+    from qlorakit.config import TrainConfig
+    from qlorakit.errors import ConfigError
+    from qlorakit.precision import COMPUTE_CHOICES
+
+    for f in fields(TrainConfig):
+        if f.metadata["choices"]:
+            with pytest.raises(ConfigError, match=rf"^config: {f.name}='nonsense' is not .*; use one of "
+                                                  rf"{', '.join(f.metadata['choices'])}$"):
+                TrainConfig.build(None, **{f.name: "nonsense"})
+    assert _train_parser()._option_string_actions["--dtype"].choices == COMPUTE_CHOICES
+    assert TrainConfig.build(None, dtype="bfloat16").dtype == "bfloat16"

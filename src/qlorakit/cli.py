@@ -12,29 +12,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
+from .config import PARSE_SPECIAL_HELP, TrainConfig, choices_of, read_yaml, value_kinds
 from .errors import QLoraKitError
+from .export.gguf_file import GGUF_TYPES
+from .export.merge import DEFAULT_OUTPUT_DTYPE
+from .export.source import BASES
 from .load import DEFAULT_MODEL, QUANT_KINDS
+from .precision import COMPUTE_CHOICES, DTYPE_NAMES
 
-DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
-PARSE_SPECIAL_HELP = ("read special-token strings such as <|im_end|> inside message content as the control tokens "
-                      "they name (by default they are plain text, so content cannot forge a turn)")
 BASE_HELP = ("what the adapter's delta is added to: quantized (default), the base it was trained against, quantized "
              "and dequantized as training did (qlorakit.json says how), so the merged model answers as the evaluated "
              "one; or original, the unquantized source weights (adapters trained outside qlorakit need it)")
 
 
 def _train(args) -> int:
-    from .config import TrainConfig
     from .demo import run_demo
     from .train import train
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "overwrite", "quiet")}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig.build(args.config, **flags)
     if config.data is None:
-        from .config import read_yaml
-
         settings = (read_yaml(args.config) if args.config else {}) | {k: v for k, v in flags.items() if v is not None}
         demo = run_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
         return 0 if demo["after"]["accuracy"] > demo["before"]["accuracy"] else 1
@@ -160,69 +160,41 @@ def _quantize(args) -> int:
     return 0
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    # Every default is None: a flag that is not given leaves the YAML's value (or TrainConfig's default) alone.
-    bool_flag = argparse.BooleanOptionalAction
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help=f"HF model directory, .gguf file, or '{DEFAULT_MODEL}' (the default)")
-    g.add_argument("--quant", choices=QUANT_KINDS, help="base weight quantization (default nf4)")
-    g.add_argument("--double-quant", action=bool_flag, help="4-bit double quantization (default on)")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default auto; see `qlorakit precision`)")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--trust-remote-code", action=bool_flag, help="run code shipped in the model directory")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="training data: .jsonl, .json, .csv, .parquet, or a saved datasets directory "
-                                  "(none: the built-in demo task)")
-    g.add_argument("--format", choices=["auto", "chat", "instruction", "prompt-completion", "text"],
-                   help="data format (default auto: detected from the fields)")
-    g.add_argument("--train-on", choices=["assistant", "all"],
-                   help="train on assistant/completion tokens only (default) or on every token")
-    g.add_argument("--max-length", type=int, help="tokens per example (default 1024)")
-    g.add_argument("--on-long", choices=["truncate", "drop", "error"],
-                   help="examples over --max-length: truncate (default, counted), drop, or stop with an error")
-    g.add_argument("--skip-bad-rows", action=bool_flag, help="skip and count bad rows instead of stopping")
-    g.add_argument("--validation", type=float, help="fraction of examples held out for evaluation (default 0)")
-    g.add_argument("--validation-data", help="a separate validation file")
-    g.add_argument("--packing", action=bool_flag, help="padding-free packed batches (default on)")
-    g.add_argument("--parse-special-tokens", action=bool_flag, help=PARSE_SPECIAL_HELP + " (default off)")
-    g = p.add_argument_group("adapters")
-    g.add_argument("--rank", type=int, help="LoRA rank (default 16)")
-    g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
-    g.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
-    g.add_argument("--targets", help="'all-linear' (default) or comma-separated module names, e.g. q_proj,v_proj")
-    g.add_argument("--rslora", action=bool_flag, help="rank-stabilised scaling alpha/sqrt(r)")
-    g.add_argument("--adapter", help="continue training this LoRA adapter (a qlorakit run's --output or any PEFT "
-                                     "LoRA adapter); its rank, alpha and targets are used")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help="examples per micro-batch (default 8)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    g.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"],
-                   help="adamw (default), or bitsandbytes' 8-bit / paged AdamW (CUDA)")
-    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="after warmup (default cosine)")
-    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 3%% of the run)")
-    g.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0)")
-    g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
-    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    g.add_argument("--gradient-checkpointing", action=bool_flag, help="recompute activations in the backward")
-    g.add_argument("--offload-activations", action=bool_flag,
-                   help="CUDA: with gradient checkpointing, keep each layer's saved input in CPU memory")
-    g.add_argument("--seed", type=int, help="seed for adapters, data order and dropout (default 0)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output", help="run directory: adapter, config, metrics, checkpoints (default qlorakit-run)")
-    g.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: at the end)")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 0: none)")
-    g.add_argument("--keep-last", type=int, help="checkpoints kept (default 2)")
-    g.add_argument("--resume", action=bool_flag, help="continue from the newest checkpoint in --output")
-    g.add_argument("--log-every", type=int, help="metrics.jsonl line every N steps (default 1)")
+def _default_text(f: dataclasses.Field) -> str:
+    """How the help shows a field's default: ' (default 1024)', ' (default on)', ' (default 0: at the end)'."""
+    note = f.metadata["default_note"]
+    if f.default is None:
+        return f" (default {note})" if note else ""
+    if isinstance(f.default, bool):
+        shown = "on" if f.default else "off"
+    else:
+        shown = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+    return f" (default {shown}: {note})" if note else f" (default {shown})"
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, from its declaration: --max-length for max_length, typed by its annotation,
+    with its choices and help, under its heading; --packing / --no-packing for a bool. Every default is None: a
+    flag that is not given leaves the YAML's value (or TrainConfig's default) alone."""
+    group = p
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["heading"]:
+            group = p.add_argument_group(f.metadata["heading"])
+        flag = "--" + f.name.replace("_", "-")
+        text = (f.metadata["help"] + _default_text(f)).replace("%", "%%")  # argparse formats help with %
+        kinds = value_kinds(f)
+        if "bool" in kinds:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            kind = int if "int" in kinds else float if "float" in kinds else str
+            group.add_argument(flag, type=kind, choices=f.metadata["choices"], help=text)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="adapter directory (a qlorakit run's --output, or any PEFT LoRA adapter)")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--quant", choices=QUANT_KINDS, help="base quantization (default: as trained)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default auto)")
+    p.add_argument("--dtype", choices=COMPUTE_CHOICES, help="compute dtype (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default 128)")
 
@@ -240,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data: in CONFIG) it runs the built-in demo: the default model learns a synthetic extraction task and "
         "held-out exact match is printed before and after.")
     train.add_argument("config", nargs="?", help="YAML config file")
-    _add_train_flags(train)
+    add_train_flags(train)
     train.add_argument("--overwrite", action="store_true",
                        help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -260,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "turn, output or completion).")
     _add_model_flags(ev)
     ev.add_argument("--data", required=True, help="evaluation data (same formats as train)")
-    ev.add_argument("--format", default="auto", choices=["auto", "chat", "instruction", "prompt-completion", "text"],
+    ev.add_argument("--format", default="auto", choices=choices_of("format"),
                     help="data format (default auto: detected from the fields)")
     ev.add_argument("--max-length", type=int, default=1024, help="tokens per example (default 1024)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per forward pass for the loss (default 8)")
@@ -280,10 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter directory (a qlorakit run's --output or any PEFT "
                                                         "LoRA adapter)")
     merge.add_argument("--output", required=True, help="directory to write the merged model to")
-    merge.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="saved dtype (default bf16)")
+    merge.add_argument("--dtype", default=DEFAULT_OUTPUT_DTYPE, choices=DTYPE_NAMES,
+                       help=f"saved dtype (default {DEFAULT_OUTPUT_DTYPE})")
     merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    merge.add_argument("--base", default="quantized", choices=["quantized", "original"], help=BASE_HELP)
+    merge.add_argument("--base", default="quantized", choices=BASES, help=BASE_HELP)
     merge.add_argument("--overwrite", action="store_true",
                        help="replace an earlier qlorakit output at --output (never a file qlorakit did not write)")
     merge.set_defaults(func=_merge)
@@ -299,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--adapter", help="adapter directory, merged into its base on the way")
     gguf.add_argument("--model", help="a model directory to convert; with --adapter, the base to merge into")
     gguf.add_argument("--output", required=True, help="the .gguf file to write")
-    gguf.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"], help="tensor type (default f16)")
-    gguf.add_argument("--base", default="quantized", choices=["quantized", "original"],
+    gguf.add_argument("--type", default="f16", choices=GGUF_TYPES, help="tensor type (default f16)")
+    gguf.add_argument("--base", default="quantized", choices=BASES,
                       help="with --adapter: " + BASE_HELP)
     gguf.add_argument("--overwrite", action="store_true",
                       help="replace an earlier qlorakit output at --output (never a file qlorakit did not write)")
@@ -326,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print what the precision policy gives for --dtype on --device: the compute dtype, the dtype "
         "4-bit layers dequantize to, the LoRA adapters' dtype, whether a GradScaler and autocast are used, and on "
         "a CPU whether it has native bf16 units (what `auto` measures).")
-    precision.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+    precision.add_argument("--dtype", default="auto", choices=COMPUTE_CHOICES,
                            help="compute dtype to resolve (default auto: bf16 or fp32 on a CPU, bf16 or fp16 on CUDA)")
     precision.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     precision.set_defaults(func=_precision)

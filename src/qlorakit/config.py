@@ -1,14 +1,22 @@
 """The training run's configuration: one dataclass, filled from defaults, then a YAML file, then command-line flags;
-every value validated with an error that names the key (and the file) and says what to use."""
+every value validated with an error that names the key (and the file) and says what to use.
+
+Each TrainConfig field is declared once, with `option`: its type (the annotation), default, the values it takes and
+what it does. `qlorakit train`'s flags are generated from these declarations (cli.add_train_flags), and validate()
+checks the same choices, so a setting, its flag, its help and its check cannot drift apart."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .data.formats import FORMATS
+from .data.tokenize import ON_LONG, TRAIN_ON
 from .errors import ConfigError, check_number, show
+from .load import DEFAULT_MODEL, QUANT_KINDS
+from .precision import COMPUTE_CHOICES, is_dtype_name
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -28,56 +36,79 @@ LORA_RANGES = {
     "alpha": (0.0, None, False, True, "typical: twice the rank"),
     "dropout": (0.0, 1.0, True, False, "typical: 0 to 0.1"),
 }
+PARSE_SPECIAL_HELP = ("read special-token strings such as <|im_end|> inside message content as the control tokens "
+                      "they name (by default they are plain text, so content cannot forge a turn)")
+
+
+def option(default, help: str, *, choices: tuple[str, ...] | None = None, default_note: str | None = None,
+           heading: str | None = None):
+    """One TrainConfig setting. `help` says what it does (`qlorakit train --help` adds "(default ...)" from
+    `default`, and `default_note` after it: what the default means); `choices` are the values it takes (the flag's
+    choices and validate()'s check); `heading` starts a group of flags in the help, which runs to the next one."""
+    return field(default=default, metadata={"help": help, "choices": choices, "default_note": default_note,
+                                            "heading": heading})
+
+
+def value_kinds(f: dataclasses.Field) -> set[str]:
+    """The type names a field's annotation allows: 'int | None' -> {'int', 'None'}."""
+    return {kind.strip() for kind in str(f.type).split("|")}
 
 
 @dataclass
 class TrainConfig:
-    # model and quantization
-    model: str = "smollm2-135m-instruct"
-    quant: str = "nf4"
-    double_quant: bool = True
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    # data (no data: the built-in demo task)
-    data: str | None = None
-    format: str = "auto"
-    train_on: str = "assistant"
-    max_length: int = 1024
-    on_long: str = "truncate"
-    skip_bad_rows: bool = False
-    validation: float = 0.0
-    validation_data: str | None = None
-    packing: bool = True
-    parse_special_tokens: bool = False  # special-token strings in message content: text (default) or control tokens
-    # adapters
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: str | list = "all-linear"
-    rslora: bool = False
-    adapter: str | None = None  # continue training this LoRA adapter (PEFT format) instead of fresh ones
-    # optimisation
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
-    warmup_steps: int | None = None  # None: 3% of the steps
-    max_grad_norm: float | None = 1.0
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    gradient_checkpointing: bool = False
-    offload_activations: bool = False  # CUDA: keep the checkpointed layer inputs in pinned CPU memory
-    seed: int = 0
-    # bookkeeping
-    output: str = "qlorakit-run"
-    eval_every: int = 0  # 0: evaluate at the end only (when there is validation data)
-    save_every: int = 0  # 0: no intermediate checkpoints
-    keep_last: int = 2
-    resume: bool = False
-    log_every: int = 1
+    model: str = option(DEFAULT_MODEL, "HF model directory, .gguf file, or the default model's name",
+                        heading="model")
+    quant: str = option("nf4", "base weight quantization", choices=QUANT_KINDS)
+    double_quant: bool = option(True, "4-bit double quantization")
+    dtype: str = option("auto", "compute dtype; `qlorakit precision` shows what it resolves to here",
+                        choices=COMPUTE_CHOICES)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    trust_remote_code: bool = option(False, "run code shipped in the model directory")
+
+    data: str | None = option(None, "training data: .jsonl, .json, .csv, .parquet, or a saved datasets directory "
+                              "(none: the built-in demo task)", heading="data")
+    format: str = option("auto", "data format", choices=("auto", *FORMATS), default_note="detected from the fields")
+    train_on: str = option("assistant", "assistant: train on the assistant/completion tokens only; all: on "
+                           "every token", choices=TRAIN_ON)
+    max_length: int = option(1024, "tokens per example")
+    on_long: str = option("truncate", "examples over --max-length: truncate (counted), drop, or stop with an error",
+                          choices=ON_LONG)
+    skip_bad_rows: bool = option(False, "skip and count bad rows instead of stopping")
+    validation: float = option(0.0, "fraction of examples held out for evaluation")
+    validation_data: str | None = option(None, "a separate validation file")
+    packing: bool = option(True, "padding-free packed batches")
+    parse_special_tokens: bool = option(False, PARSE_SPECIAL_HELP)
+
+    rank: int = option(16, "LoRA rank", heading="adapters")
+    alpha: float = option(32.0, "LoRA alpha")
+    dropout: float = option(0.0, "LoRA dropout")
+    targets: str | list = option("all-linear", "'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
+    rslora: bool = option(False, "rank-stabilised scaling alpha/sqrt(r)")
+    adapter: str | None = option(None, "continue training this LoRA adapter (a qlorakit run's --output or any PEFT "
+                                 "LoRA adapter); its rank, alpha and targets are used")
+
+    batch_size: int = option(8, "examples per micro-batch", heading="optimisation")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    optimizer: str = option("adamw", "adamw: torch's AdamW; the others: bitsandbytes' 8-bit / paged AdamW, "
+                            "on CUDA", choices=OPTIMIZERS)
+    schedule: str = option("cosine", "learning rate schedule after warmup", choices=SCHEDULES)
+    warmup_steps: int | None = option(None, "linear warmup steps", default_note="3% of the run")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm")
+    epochs: float = option(1.0, "passes over the data")
+    max_steps: int | None = option(None, "optimizer steps; overrides --epochs")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward")
+    offload_activations: bool = option(False, "CUDA: with gradient checkpointing, keep each layer's saved input "
+                                       "in CPU memory")
+    seed: int = option(0, "seed for adapters, data order and dropout")
+
+    output: str = option("qlorakit-run", "run directory: adapter, config, metrics, checkpoints", heading="run")
+    eval_every: int = option(0, "evaluate every N steps", default_note="at the end, when there is validation data")
+    save_every: int = option(0, "checkpoint every N steps", default_note="none")
+    keep_last: int = option(2, "checkpoints kept")
+    resume: bool = option(False, "continue from the newest checkpoint in --output")
+    log_every: int = option(1, "metrics.jsonl line every N steps")
 
     @classmethod
     def build(cls, yaml_path: str | Path | None = None, **overrides) -> "TrainConfig":
@@ -111,7 +142,7 @@ class TrainConfig:
 
         for f in fields(self):
             value = getattr(self, f.name)
-            kinds = [k.strip() for k in str(f.type).split("|")]
+            kinds = value_kinds(f)
             if value is None:
                 if "None" not in kinds:
                     bad(f.name, "must be set (it has no 'none' value)")
@@ -140,22 +171,20 @@ class TrainConfig:
             if not ok:
                 bad(f.name, f"must be {kind}" + (", or null" if "None" in kinds else "")
                     + f", not {type(value).__name__}")
-        from .data.formats import FORMATS
-        from .data.tokenize import ON_LONG, TRAIN_ON
-        from .load import QUANT_KINDS
 
-        def one_of(key, choices, what):
+        def one_of(key, what):
+            choices = choices_of(key)
             if getattr(self, key) not in choices:
                 bad(key, f"is not {what}; use one of {', '.join(choices)}")
 
-        one_of("quant", QUANT_KINDS, "a quantization")
-        if self.dtype not in ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16"):
-            bad("dtype", "is not a compute dtype; use auto, fp32, bf16 or fp16")
-        one_of("format", ("auto", *FORMATS), "a data format")
-        one_of("train_on", TRAIN_ON, "what to train on")
-        one_of("on_long", ON_LONG, "a way to handle long examples")
-        one_of("schedule", SCHEDULES, "a schedule")
-        one_of("optimizer", OPTIMIZERS, "an optimizer")
+        one_of("quant", "a quantization")
+        if not is_dtype_name(self.dtype, allow_auto=True):  # also the long names parse_dtype reads (bfloat16...)
+            bad("dtype", f"is not a compute dtype; use one of {', '.join(choices_of('dtype'))}")
+        one_of("format", "a data format")
+        one_of("train_on", "what to train on")
+        one_of("on_long", "a way to handle long examples")
+        one_of("schedule", "a schedule")
+        one_of("optimizer", "an optimizer")
         for key in ("batch_size", "grad_accum", "rank", "keep_last", "log_every"):
             if getattr(self, key) < 1:
                 bad(key, "must be at least 1")
@@ -197,6 +226,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    """The values TrainConfig's field `name` takes (its flag's choices), or None when it is not a choice."""
+    return next(f.metadata["choices"] for f in fields(TrainConfig) if f.name == name)
 
 
 class _SelfReference(Exception):

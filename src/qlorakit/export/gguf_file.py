@@ -20,10 +20,12 @@ import torch
 
 from ..errors import ConfigError, SourceError
 from ..outputs import GGUF_KEY, check_output, staged_output, version
+from ..precision import EXPORT_DTYPE
 from .merge import resolve_adapter, save_tokenizer
 from .source import ModelTensors, check_base, merge_base, merged_tensors
 
-GGUF_TYPES = ("f16", "bf16", "q8_0")
+# The tensor types an export writes: name -> the gguf package's GGMLQuantizationType and LlamaFileType members.
+GGUF_TYPES = {"f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 # Hugging Face model_type -> GGUF architecture (llama.cpp converts Mistral checkpoints as llama).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # The pre-tokenizer llama.cpp must use, recognised from tokenizer.json's pre_tokenizer (llama.cpp hashes the
@@ -200,7 +202,7 @@ def _tensor_plan(source: ModelTensors, arch_enum, n_layers: int, qtype):
 def _encode(tensor: torch.Tensor, kind) -> np.ndarray:
     import gguf
 
-    data = tensor.float().numpy()
+    data = tensor.to(EXPORT_DTYPE).numpy()
     if kind == gguf.GGMLQuantizationType.F32:
         return data.astype(np.float32)
     if kind == gguf.GGMLQuantizationType.F16:
@@ -225,7 +227,7 @@ def export_gguf(output: str | Path, adapter: str | Path | None = None, model: st
 
     from ..load import gguf_origin, resolve_source
 
-    if gguf_type not in GGUF_TYPES:
+    if not isinstance(gguf_type, str) or gguf_type not in GGUF_TYPES:
         raise ConfigError(f"type={gguf_type!r}: a GGUF export is one of {', '.join(GGUF_TYPES)}")
     if adapter is None and model is None:
         raise ConfigError("export gguf needs --adapter DIR (merged into its base on the way) or --model DIR")
@@ -243,10 +245,8 @@ def export_gguf(output: str | Path, adapter: str | Path | None = None, model: st
         raise ConfigError(f"{source_dir}: model type {config.model_type!r}; qlorakit writes GGUF for "
                           f"{', '.join(sorted(ARCHITECTURES))}")
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
-    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+    qtype_name, file_type_name = GGUF_TYPES[gguf_type]
+    qtype, file_type = gguf.GGMLQuantizationType[qtype_name], gguf.LlamaFileType[file_type_name]
     source = merge_base(adapter, source_dir, base) if adapter is not None else ModelTensors(source_dir)
     plan = _tensor_plan(source, arch_enum, config.num_hidden_layers, qtype)
     rope_factors = llama3_rope_factors(config) if _rope_scaling(config)["rope_type"] == "llama3" else None

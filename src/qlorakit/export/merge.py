@@ -9,6 +9,7 @@ index when there are several, the tokenizer with the chat template the model was
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, show
 from ..outputs import check_output, staged_output
+from ..precision import DTYPE_NAMES, is_dtype_name, parse_dtype, torch_config_name
 from .source import ModelTensors, check_base, merge_base, merged_tensors, read_lora
 
-OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# What a merged model is saved in unless asked otherwise: 16 bits, with fp32's exponent range.
+DEFAULT_OUTPUT_DTYPE = "bf16"
 
 
 def parse_size(size: str | int) -> int:
@@ -43,9 +45,10 @@ def parse_size(size: str | int) -> int:
 
 
 def output_dtype(dtype: str) -> torch.dtype:
-    if dtype not in OUTPUT_DTYPES:
-        raise ConfigError(f"dtype={dtype!r}: a merged model is saved in one of {', '.join(OUTPUT_DTYPES)}")
-    return OUTPUT_DTYPES[dtype]
+    """The dtype a merged model is saved in: one of precision.DTYPE_NAMES (or its long name, bfloat16...)."""
+    if not is_dtype_name(dtype):
+        raise ConfigError(f"dtype={show(dtype)}: a merged model is saved in one of {', '.join(DTYPE_NAMES)}")
+    return parse_dtype(dtype)
 
 
 def resolve_adapter(adapter: str | Path, model: str | None = None):
@@ -77,13 +80,20 @@ def save_tokenizer(source_dir: Path, output: Path) -> None:
 def _write_config(source_dir: Path, output: Path, dtype: torch.dtype) -> None:
     config = json.loads((source_dir / "config.json").read_text())
     config.pop("quantization_config", None)
-    config["dtype"] = _CONFIG_DTYPE[dtype]
+    config["dtype"] = torch_config_name(dtype)
     config.pop("torch_dtype", None)
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+@functools.cache
+def _safetensors_code(dtype: torch.dtype) -> str:
+    """The name safetensors gives `dtype` in a file header ('BF16', 'F32', 'I64'...), read from the header the
+    library itself writes for an empty tensor, so the streaming writer below spells every dtype as it does."""
+    from safetensors.torch import save
+
+    data = save({"t": torch.empty(0, dtype=dtype)})
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + size])["t"]["dtype"]
 
 
 def _write_shard(path: Path, entries: list[tuple[str, tuple, torch.dtype]], tensors) -> None:
@@ -92,7 +102,8 @@ def _write_shard(path: Path, entries: list[tuple[str, tuple, torch.dtype]], tens
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in entries:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _safetensors_code(dtype), "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
@@ -135,7 +146,7 @@ def _write_shards(source: ModelTensors, tensors, output: Path, dtype: torch.dtyp
     return total
 
 
-def merge(adapter: str | Path, output: str | Path, dtype: str = "bf16", model: str | None = None,
+def merge(adapter: str | Path, output: str | Path, dtype: str = DEFAULT_OUTPUT_DTYPE, model: str | None = None,
           max_shard_size: str | int = "5GB", overwrite: bool = False, base: str = "quantized", log=print) -> Path:
     """Merge a LoRA adapter into its base and save a standard safetensors model directory at `output`.
 
