@@ -20,7 +20,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..upstream.torch_private import flash_attention_cpu
+from ..upstream.torch_private import flash_attention_cpu, version_counter
 
 # Every layer of one forward gets the same mask tensor: its blocks are read once (one device sync per forward, not
 # per layer). Keyed on the tensor itself through a weak reference, and its version counter, so a later mask — even
@@ -33,10 +33,10 @@ def block_diagonal_segments(mask: torch.Tensor) -> list[tuple[int, int]] | None:
     block-diagonal causal, else None."""
     global _last_mask
     cached = _last_mask
-    if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+    if cached is not None and cached[0]() is mask and cached[1] == version_counter(mask):
         return cached[2]
     segments = _read_blocks(mask[0, 0])
-    _last_mask = (weakref.ref(mask), mask._version, segments)
+    _last_mask = (weakref.ref(mask), version_counter(mask), segments)
     return segments
 
 

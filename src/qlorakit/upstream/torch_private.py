@@ -1,6 +1,7 @@
 """Private torch internals: the CPU flash-attention ops the packed attention calls directly (their public wrapper,
-scaled_dot_product_attention, does not return the log-sum-exp the backward needs), and the global module-hook
-registries a fused block consults before computing several modules' outputs without calling them."""
+scaled_dot_product_attention, does not return the log-sum-exp the backward needs), the global module-hook
+registries a fused block consults before computing several modules' outputs without calling them, and a tensor's
+version counter (the packed attention's mask cache)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,27 @@ def runs_hooks(module: torch.nn.Module) -> bool:
                 or module._backward_pre_hooks or any(_hook_registries()))
 
 
+def version_counter(tensor: torch.Tensor) -> int:
+    """The tensor's in-place modification counter (autograd's `_version`): a cache keyed on a tensor must not serve
+    it again after an in-place edit."""
+    try:
+        return tensor._version
+    except AttributeError:
+        raise changed(PACKAGE, "Tensor._version", "tensors no longer count their in-place edits") from None
+
+
 def check() -> None:
     """Every private torch internal qlorakit uses exists."""
     flash_attention_cpu()
     _hook_registries()
+    version_counter(torch.zeros(1))
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module` was compiled with torch.compile: wrapped (torch.compile(model) returns an OptimizedModule)
+    or in place (model.compile() sets the module's compiled call)."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:
+        raise changed(PACKAGE, "torch._dynamo.eval_frame.OptimizedModule", "the class is gone") from None
+    return isinstance(module, OptimizedModule) or module.__dict__.get("_compiled_call_impl") is not None
