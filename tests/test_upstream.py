@@ -116,7 +116,8 @@ def test_a_linear4bit_flag_the_policy_pins_gone_is_named(tiny_model_dir, monkeyp
         qlorakit.precision_of(model).apply(model)
 
 
-@pytest.mark.parametrize("name", ["dequantize_4bit", "quantize_4bit", "int8_vectorwise_dequant", "QuantState"])
+@pytest.mark.parametrize("name", ["dequantize_4bit", "quantize_4bit", "int8_vectorwise_dequant", "int8_vectorwise_quant",
+                                  "QuantState"])
 def test_a_bitsandbytes_function_gone_is_named(tiny_model_dir, monkeypatch, name):
     import bitsandbytes.functional
 
@@ -125,6 +126,16 @@ def test_a_bitsandbytes_function_gone_is_named(tiny_model_dir, monkeypatch, name
     upstream_bnb._classes.cache_clear()
     with pytest.raises(UpstreamError, match=_named("bitsandbytes", f"bitsandbytes.functional.{name}")):
         install_fast_path(model, torch.float32)
+
+
+@pytest.mark.parametrize("attribute", ["dtype", "quant_type", "nested", "shape"])
+def test_a_quant_state_attribute_gone_is_named(tiny_model_dir, monkeypatch, attribute):
+    """What the policy rewrites (dtype) and what qlorakit reads of a 4-bit layer's quantization state."""
+    model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
+    state = model.model.layers[0].mlp.gate_proj.weight.quant_state
+    monkeypatch.delattr(state, attribute)
+    with pytest.raises(UpstreamError, match=_named("bitsandbytes", f"QuantState.{attribute}")):
+        qlorakit.precision_of(model).apply(model)
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -252,6 +263,21 @@ def test_the_global_hook_registries_gone_are_named(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(torch_private, "_GLOBAL_HOOKS", ("_global_forward_pre_hooks", "_global_hooks_renamed"))
     with pytest.raises(UpstreamError, match=_named("torch", "torch.nn.modules.module's global hook registries")):
         install_fast_path(model, torch.float32)
+
+
+def test_the_tensor_version_counter_and_compiled_module_class_gone_are_named(monkeypatch):
+    import torch._dynamo.eval_frame
+
+    from qlorakit.upstream import torch_private
+
+    class NoVersion:
+        pass
+
+    with pytest.raises(UpstreamError, match=_named("torch", "Tensor._version")):
+        torch_private.version_counter(NoVersion())
+    monkeypatch.delattr(torch._dynamo.eval_frame, "OptimizedModule")
+    with pytest.raises(UpstreamError, match=_named("torch", "torch._dynamo.eval_frame.OptimizedModule")):
+        torch_private.is_compiled(torch.nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------- the report
