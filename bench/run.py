@@ -101,11 +101,13 @@ def _worker_hf(args, chats, heldout, dtype) -> dict:
 def _worker_qlorakit(args, chats, heldout, dtype) -> dict:
     import qlorakit
 
+    work = Path(tempfile.mkdtemp())
+    (work / "train.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats))
     run = qlorakit.train(
         model=args.model, quant="nf4", double_quant=True, dtype=args.dtype, device=args.device, rank=args.rank,
         alpha=args.alpha, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, schedule="linear",
         warmup_steps=0, max_steps=args.warmup + args.steps, train_on="all", seed=0,
-        output=tempfile.mkdtemp(), demo_data=(chats, []), progress=False, log=lambda _: None,
+        output=str(work / "run"), data=str(work / "train.jsonl"), progress=False, log=lambda _: None,
     )
     steps = [r for r in run.metrics if "loss" in r][args.warmup :]
     return {

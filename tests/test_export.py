@@ -235,6 +235,7 @@ def test_bad_adapters_are_refused_with_the_reason(bases, adapters, tmp_path):
 
     damaged = tmp_path / "damaged"
     shutil.copytree(adapter, damaged)
+    _unrecorded(damaged)  # (edited by hand below: past the check that its files are one save's)
     (damaged / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ConfigError, match="damaged/adapter_model.safetensors: cannot read the adapter weights"):
         qlorakit.merge(damaged, tmp_path / "out2", log=lambda _: None)
@@ -252,6 +253,7 @@ def test_bad_adapters_are_refused_with_the_reason(bases, adapters, tmp_path):
 
     dora = tmp_path / "dora"
     shutil.copytree(adapter, dora)
+    _unrecorded(dora)  # (edited by hand below: past the check that its files are one save's)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(ConfigError, match="use_dora=true"):
@@ -259,12 +261,19 @@ def test_bad_adapters_are_refused_with_the_reason(bases, adapters, tmp_path):
 
     half = tmp_path / "half"
     shutil.copytree(adapter, half)
+    _unrecorded(half)  # (edited by hand below: past the check that its files are one save's)
     weights = load_file(half / "adapter_model.safetensors")
     save_file({k: v for k, v in weights.items() if "lora_B" not in k or "layers.0.mlp.up_proj" not in k},
               str(half / "adapter_model.safetensors"))
     with pytest.raises(ConfigError, match="up_proj has lora_A but not its partner"):
         qlorakit.merge(half, tmp_path / "out6", log=lambda _: None)
     assert not any((tmp_path / f"out{i}").exists() and any((tmp_path / f"out{i}").iterdir()) for i in range(1, 7))
+
+
+def _unrecorded(adapter):
+    """Drop qlorakit.json's record of the adapter's files, as its owner does after editing one on purpose."""
+    saved = json.loads((adapter / "qlorakit.json").read_text())
+    (adapter / "qlorakit.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "files"}))
 
 
 def test_merge_refuses_to_overwrite_without_asking(adapters, tmp_path):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -21,13 +23,15 @@ BATCH = 2
 @pytest.fixture(scope="module")
 def final_losses(tmp_path_factory):
     rows, _ = demo_rows(n_train=STEPS * BATCH, seed=7)
+    data = tmp_path_factory.mktemp("data") / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = {}
     for dtype in ("fp32", "bf16", "fp16"):
         run = qlorakit.train(
             model=DEFAULT_MODEL, quant="nf4", dtype=dtype, device="cpu", max_steps=STEPS, batch_size=BATCH,
             rank=16, alpha=32, lr=2e-4,  # the project's default learning rate, held constant
             schedule="constant", warmup_steps=0, train_on="all", packing=False, seed=0,
-            output=str(tmp_path_factory.mktemp(dtype)), demo_data=(rows, []), log=lambda _: None, progress=False,
+            output=str(tmp_path_factory.mktemp(dtype)), data=str(data), log=lambda _: None, progress=False,
         )
         steps = [r for r in run.metrics if "loss" in r]
         assert len(steps) == STEPS and not any(r["skipped"] for r in steps), dtype  # every fp16 step is real

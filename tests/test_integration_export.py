@@ -4,6 +4,8 @@ GGUF the model ships as."""
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import pytest
 import torch
@@ -26,8 +28,10 @@ def run(tmp_path_factory):
     """A short real training run on the demo task: its adapter, output directory and two held-out prompts."""
     rows, held = demo_rows(n_train=48, n_heldout=8, seed=3)
     out = tmp_path_factory.mktemp("run")
+    data = out / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     qlorakit.train(model=DEFAULT_MODEL, quant="nf4", dtype="bf16", device="cpu", max_steps=6, batch_size=8,
-                   lr=1e-3, output=str(out / "adapter"), demo_data=(rows, []), log=lambda _: None, progress=False)
+                   lr=1e-3, output=str(out / "adapter"), data=str(data), log=lambda _: None, progress=False)
     return {"adapter": out / "adapter", "root": out, "prompts": held[:2]}
 
 

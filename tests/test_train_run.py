@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 import qlorakit
 from conftest import randomize_lora_b
 from qlorakit.errors import ConfigError, TrainingError
-from qlorakit.train import make_scheduler
+from qlorakit.optim import make_scheduler
 
 
 def _rows(n=48):
@@ -34,10 +35,10 @@ def data_file(tmp_path):
     return path
 
 
-def _train(model_dir, data_file, output, **kw):
+def _train(model_dir, data_file, output, log=lambda _: None, **kw):
     settings = dict(model=str(model_dir), data=str(data_file), output=str(output), dtype="fp32", device="cpu",
                     rank=4, alpha=8, lr=5e-3, batch_size=4, max_steps=6, seed=0)
-    return qlorakit.train(progress=False, log=lambda _: None, **(settings | kw))
+    return qlorakit.train(progress=False, log=log, **(settings | kw))
 
 
 def _adapter(path):
@@ -251,7 +252,7 @@ def test_saving_an_adapter_asks_no_server(tiny_model_dir, tmp_path, monkeypatch)
 
     from qlorakit.config import TrainConfig
     from qlorakit.precision import precision_of
-    from qlorakit.train import save_adapter
+    from qlorakit.adapters import save_adapter
 
     model = qlorakit.add_lora(qlorakit.load(tiny_model_dir, quant="none", dtype="fp32", device="cpu")[0], rank=2)
     lookups = []
@@ -264,3 +265,35 @@ def test_saving_an_adapter_asks_no_server(tiny_model_dir, tmp_path, monkeypatch)
     out = save_adapter(model, tmp_path / "adapter", TrainConfig(model="some-org/some-model"), precision_of(model))
     assert lookups == []
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "some-org/some-model"
+
+
+def test_resume_keeps_the_compute_dtype_auto_resolved_to(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """config.json records what `auto` resolved to; a resume in `auto` trains on in it even where `auto` now
+    resolves otherwise (on a CPU it is measured, and can come out the other way), and an explicit other dtype is
+    refused naming both."""
+    import qlorakit.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_auto_dtype", lambda: torch.bfloat16)
+    _train(tiny_model_dir, data_file, tmp_path / "out", dtype="auto", quant="none", max_steps=2, save_every=1)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == "auto" and config["compute_dtype"] == "bf16"
+
+    monkeypatch.setattr(precision, "cpu_auto_dtype", lambda: torch.float32)
+    with pytest.raises(TrainingError, match=r"out: --resume with dtype=fp32, but the run was started in bf16 "
+                                            r"\(.*out/config\.json: compute_dtype\); a resumed run keeps its compute "
+                                            r"dtype: resume with dtype=bf16 \(or auto\)"):
+        _train(tiny_model_dir, data_file, tmp_path / "out", dtype="fp32", quant="none", max_steps=3, save_every=1,
+               resume=True)
+    lines = []
+    run = _train(tiny_model_dir, data_file, tmp_path / "out", dtype="auto", quant="none", max_steps=3, save_every=1,
+                 resume=True, log=lines.append)
+    assert any(re.fullmatch(r"dtype: auto, resumed in bf16 \(the compute dtype the run started in, as .*out/config"
+                            r"\.json records\)", line) for line in lines), lines
+    assert qlorakit.precision_of(run.model).compute == torch.bfloat16
+    assert {v.dtype for v in _adapter(tmp_path / "out").values()} == {torch.bfloat16}  # bf16 adapters, not fp32
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["compute_dtype"] == "bf16"
+    (tmp_path / "out" / "config.json").write_text(json.dumps(saved | {"compute_dtype": "fp8"}))
+    with pytest.raises(TrainingError, match=r"out/config\.json: 'compute_dtype' is 'fp8', not a dtype name \(fp32, "
+                                            r"bf16, fp16\); restore the file, or start a new run \(--overwrite\)"):
+        _train(tiny_model_dir, data_file, tmp_path / "out", dtype="auto", quant="none", max_steps=4, resume=True)

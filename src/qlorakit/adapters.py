@@ -303,7 +303,9 @@ def _check_saved_together(path, saved: dict) -> None:
     for name in ADAPTER_FILES:
         file, expected = path / name, files[name]
         if not file.is_file():
-            raise ConfigError(f"{file}: missing, though {where} records it; {fix}")
+            raise ConfigError(f"{path}: {name} is missing, though qlorakit.json records it (a save cut short, or the "
+                              "file was removed); save the adapter again, or continue its run from the last checkpoint "
+                              "(qlorakit train --resume)")
         size = file.stat().st_size
         if size != expected["bytes"]:
             found = f"{size:,} bytes, where it records {expected['bytes']:,}"

@@ -5,6 +5,10 @@ hyper-parameters, the scheduler, the GradScaler, the RNG states and the data pos
 needs to continue to the same result. It is written under a temporary name and renamed into place (outputs.py),
 so a killed run leaves either a whole checkpoint or none; older ones beyond `keep_last` are removed after the new
 one is in place.
+
+Resuming checks, before anything is restored, that it continues the same run: the settings config.json saved
+(`check_resumable`), the compute dtype the run started in (`resumed_dtype`), and the data (`data_fingerprint`, kept
+in each checkpoint, against the data the resumed run reads: `check_same_data`).
 """
 
 from __future__ import annotations
@@ -214,3 +218,126 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, contents: d
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise DamagedCheckpoint(f"{path}: checkpoint cannot be restored ({show(str(e))})") from None
     return state
+
+
+# ------------------------------------------------------------------------------------------------- resuming
+
+
+# What makes a resumed run the same run: a change to any of these since config.json was written is refused.
+SAME_RUN = ("model", "data", "quant", "double_quant", "rank", "alpha", "rslora", "targets", "adapter", "seed",
+            "batch_size", "grad_accum", "max_length", "packing", "train_on", "format", "parse_special_tokens")
+
+
+def check_resumable(out: Path, config) -> dict:
+    """Refuse a --resume of `out` (a claimed run directory) that cannot continue the same run: no checkpoint, or
+    a setting of SAME_RUN different from what the run saved in config.json. Returns the saved settings ({} when
+    there is no config.json)."""
+    out = Path(out)
+    if not list_checkpoints(out / "checkpoints"):
+        raise TrainingError(
+            f"{out}: no checkpoint to resume from (checked {out / 'checkpoints'}); point --output at the "
+            "interrupted run, or start without --resume"
+        )
+    saved_path = out / "config.json"
+    if not saved_path.is_file():
+        return {}
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{saved_path}: the run's saved settings cannot be read ({show(str(e))}), so --resume "
+                            "cannot check it continues the same run; start a new run (--overwrite)") from None
+    if not isinstance(saved, dict):
+        raise TrainingError(f"{saved_path}: not the run's saved settings (a JSON object); start a new run "
+                            "(--overwrite)")
+    changed = [k for k in SAME_RUN if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        k = changed[0]
+        raise TrainingError(
+            f"{out}: --resume with {k}={show(getattr(config, k))}, but the run was started with {k}={show(saved[k])}; "
+            f"a resumed run must keep {', '.join(SAME_RUN)}"
+        )
+    return saved
+
+
+def resumed_dtype(out: Path, saved: dict, asked: str, log=print) -> str:
+    """The compute dtype a resumed run trains in: the one its config.json recorded (`compute_dtype`) when the run
+    started. `auto` can resolve differently from one start to the next (another GPU; on a CPU, a measured race
+    between bf16 and fp32), and a resume must not switch the dtype of the weights it restores; an explicit `asked`
+    dtype other than the recorded one is refused. `asked` is returned for a run written before the record."""
+    from .precision import is_dtype_name, parse_dtype
+
+    where = Path(out) / "config.json"
+    recorded = saved.get("compute_dtype")
+    if recorded is None:
+        if saved:
+            log(f"warning: {where} does not record the run's compute dtype (an older qlorakit wrote it); it cannot "
+                f"be checked to be the same (dtype={asked})")
+        return asked
+    if not is_dtype_name(recorded):
+        raise TrainingError(f"{where}: 'compute_dtype' is {show(recorded)}, not a dtype name (fp32, bf16, fp16); "
+                            "restore the file, or start a new run (--overwrite)")
+    if str(asked).lower() == "auto":
+        log(f"dtype: auto, resumed in {recorded} (the compute dtype the run started in, as {where} records)")
+        return recorded
+    if parse_dtype(asked) != parse_dtype(recorded):
+        raise TrainingError(
+            f"{out}: --resume with dtype={asked}, but the run was started in {recorded} ({where}: compute_dtype); a "
+            f"resumed run keeps its compute dtype: resume with dtype={recorded} (or auto), or start a new run "
+            "(another --output, or --overwrite)"
+        )
+    return asked
+
+
+def data_fingerprint(data) -> dict:
+    """What makes a resumed run see the same data (`data`: data.TrainingData): the token ids and labels of every
+    example, in order (hashed, so cheap to keep in each checkpoint), with counts to say what changed."""
+    import hashlib
+    from array import array
+
+    from .data import IGNORE_INDEX
+
+    def of(items) -> dict:
+        digest = hashlib.sha256()
+        tokens = trained = 0
+        for item in items:
+            ids, labels = array("q", item.input_ids), array("q", item.labels)
+            digest.update(array("q", [len(ids)]).tobytes() + ids.tobytes() + labels.tobytes())
+            tokens += len(ids)
+            trained += len(item.labels[1:]) - item.labels[1:].count(IGNORE_INDEX)  # item.trained_tokens, faster
+        return {"examples": len(items), "tokens": tokens, "trained_tokens": trained, "sha256": digest.hexdigest()}
+
+    return {"train": of(data.train), "validation": of(data.validation)}
+
+
+def data_change(saved: dict, now: dict) -> str | None:
+    """How the data `now` differs from the `saved` fingerprint, in words; None when it is the same."""
+    for part in ("train", "validation"):
+        a, b = saved.get(part), now[part]
+        if a is None or a == b:
+            continue
+        name = "training" if part == "train" else "validation"
+        if a["examples"] != b["examples"]:
+            return f"the {name} data now gives {b['examples']} examples; the run was started on {a['examples']}"
+        for key, words in (("tokens", "tokens"), ("trained_tokens", "trained (label) tokens")):
+            if a[key] != b[key]:
+                return (f"the {b['examples']} {name} examples now hold {b[key]:,} {words}; the run was started "
+                        f"with {a[key]:,}")
+        return (f"the {b['examples']} {name} examples have as many tokens as before but different token ids or "
+                "labels (rows edited or reordered, or another tokenizer or chat template)")
+    return None
+
+
+def check_same_data(out: Path, checkpoint: Path, contents: dict, fingerprint: dict, data_name, log=print) -> None:
+    """Refuse to resume from `checkpoint` (its read_checkpoint `contents`) on data other than it was trained on."""
+    saved = contents["state"].get("data")
+    if not isinstance(saved, dict):
+        log(f"warning: {checkpoint} does not record its data (an older qlorakit wrote it); the data cannot be "
+            "checked to be the same")
+        return
+    change = data_change(saved, fingerprint)
+    if change:
+        raise TrainingError(
+            f"{out}: --resume with different data than {checkpoint} was trained on: {change}. A resumed run "
+            f"must see the same data: restore {data_name or 'the data'}, or start a new run (another --output, "
+            "or --overwrite)"
+        )

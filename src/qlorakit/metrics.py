@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .outputs import atomic_file, atomic_write_text
+from .outputs import append_line, atomic_file, atomic_write_text
 
 
 class MetricsLog:
@@ -19,8 +19,7 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
 
     def read(self) -> list[dict]:
         if not self.path.is_file():

@@ -550,15 +550,18 @@ def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
 
 
 @contextmanager
-def staged_files(directory: str | Path) -> Iterator[Path]:
+def staged_files(directory: str | Path, order: tuple[str, ...] = ()) -> Iterator[Path]:
     """A temporary directory beside the files to write into `directory`; when the block ends without an error each
-    file in it replaces its namesake in `directory` (one rename each: every file is whole, the old or the new)."""
+    file in it replaces its namesake in `directory` (one rename each: every file is whole, the old or the new),
+    those named in `order` first and in that order (a set of files that must be read together orders its renames
+    so that every state between them is recognisable: adapters.save_adapter)."""
     directory = Path(directory)
+    rank = {name: i for i, name in enumerate(order)}
 
     def place(tmp: Path, _target: Path) -> None:
-        for f in tmp.iterdir():
-            if f.name != MARKER:
-                os.replace(f, directory / f.name)
+        files = [f for f in tmp.iterdir() if f.name != MARKER]
+        for f in sorted(files, key=lambda f: (rank.get(f.name, len(order)), f.name)):
+            os.replace(f, directory / f.name)
 
     with _publishing(directory / "files", True, place) as (tmp, _):
         yield tmp
@@ -572,3 +575,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Add one line to a log file (metrics.jsonl) in a single write at its end: a kill cuts at most the last line,
+    which its reader drops (rewriting the whole log atomically at every step would cost a copy per step)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")

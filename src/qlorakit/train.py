@@ -1,5 +1,7 @@
 """Training under the precision policy: one optimizer step (`TrainStep`) and a whole run (`train`), the latter
-written out top to bottom — model, data, adapters, optimizer, resume, loop, outputs.
+written out top to bottom — model, data, adapters, optimizer, resume, loop, outputs. Its parts live beside it:
+optim.py (optimizer, schedule), data/batches.py (the micro-batch stream), checkpoint.py (checkpoints, what a resume
+must keep), outputs.py (the run directory's claim, atomic writes), adapters.py (the saved adapter).
 
 A step: autocast in the compute dtype, loss in fp32, each micro-batch's loss divided by the trained tokens of the
 whole accumulated step (so accumulation equals one big batch), a GradScaler exactly under fp16, clipping on
@@ -17,11 +19,22 @@ from pathlib import Path
 
 import torch
 
+from .adapters import add_lora, load_adapter, read_adapter_info, save_adapter
+from .checkpoint import (
+    check_resumable, check_same_data, data_fingerprint, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
+    resumed_dtype, save_checkpoint,
+)
 from .config import OPTIMIZER_RANGES, TrainConfig
-from .data import IGNORE_INDEX, Batch, TrainingData, collate, load_data, micro_batches
-from .errors import ConfigError, DataError, TrainingError, check_number, show
+from .data import IGNORE_INDEX, Batch, check_data_file, load_data
+from .data.batches import MicroBatchStream
+from .errors import ConfigError, TrainingError, check_number
+from .evaluate import eval_loss, pad_id_of
+from .load import load, quantization_summary
 from .loss import batch_loss, causal_lm_loss
-from .precision import precision_of
+from .metrics import MetricsLog, plot_loss_curve, still_falling
+from .optim import make_optimizer, make_scheduler
+from .outputs import atomic_write_json, claim_run_directory, is_disk_full
+from .precision import Precision, dtype_name, precision_of, resolve_device
 
 __all__ = ["RunResult", "StepResult", "TrainStep", "causal_lm_loss", "train"]
 
@@ -130,43 +143,6 @@ def non_finite_parameter(model) -> str | None:
     return None
 
 
-def _data_fingerprint(data: TrainingData) -> dict:
-    """What makes a resumed run the same run: the token ids and labels of every example, in order (hashed, so
-    cheap to keep), with counts to say what changed when they differ."""
-    import hashlib
-    from array import array
-
-    def of(items) -> dict:
-        digest = hashlib.sha256()
-        tokens = trained = 0
-        for item in items:
-            ids, labels = array("q", item.input_ids), array("q", item.labels)
-            digest.update(array("q", [len(ids)]).tobytes() + ids.tobytes() + labels.tobytes())
-            tokens += len(ids)
-            trained += len(item.labels[1:]) - item.labels[1:].count(IGNORE_INDEX)  # item.trained_tokens, faster
-        return {"examples": len(items), "tokens": tokens, "trained_tokens": trained, "sha256": digest.hexdigest()}
-
-    return {"train": of(data.train), "validation": of(data.validation)}
-
-
-def _data_change(saved: dict, now: dict) -> str | None:
-    """How the data `now` differs from the `saved` fingerprint, in words; None when it is the same."""
-    for part in ("train", "validation"):
-        a, b = saved.get(part), now[part]
-        if a is None or a == b:
-            continue
-        name = "training" if part == "train" else "validation"
-        if a["examples"] != b["examples"]:
-            return f"the {name} data now gives {b['examples']} examples; the run was started on {a['examples']}"
-        for key, words in (("tokens", "tokens"), ("trained_tokens", "trained (label) tokens")):
-            if a[key] != b[key]:
-                return (f"the {b['examples']} {name} examples now hold {b[key]:,} {words}; the run was started "
-                        f"with {a[key]:,}")
-        return (f"the {b['examples']} {name} examples have as many tokens as before but different token ids or "
-                "labels (rows edited or reordered, or another tokenizer or chat template)")
-    return None
-
-
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -206,125 +182,22 @@ def enable_checkpointing(model, offload: bool = False) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    device = params[0].device.type
-    if device != "cuda":
-        raise ConfigError(
-            f"optimizer={name!r} is bitsandbytes' {'paged ' if 'paged' in name else ''}"
-            f"{'8-bit ' if '8bit' in name else ''}AdamW, which runs on CUDA GPUs; on the {device} use "
-            "optimizer=adamw"
-        )
-    import bitsandbytes as bnb
-
-    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
-
-
-def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
-    """Linear warmup to the base learning rate, then cosine or linear decay to zero, or constant."""
-
-    def factor(step: int) -> float:  # `step` optimizer steps have been taken
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(progress, 1.0)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class _MicroBatchStream:
-    """Micro-batches in a deterministic order, epoch after epoch, from a saved position."""
-
-    def __init__(self, items, batch_size: int, seed: int, pad_id: int, packed: bool, position: dict):
-        self.items, self.batch_size, self.seed, self.pad_id, self.packed = items, batch_size, seed, pad_id, packed
-        self.epoch, self.index = position["epoch"], position["micro"]
-        self._epoch_batches = micro_batches(items, batch_size, self.epoch, seed)
-
-    @property
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "micro": self.index}
-
-    def take(self, n: int) -> list[Batch]:
-        out = []
-        for _ in range(n):
-            if self.index >= len(self._epoch_batches):
-                self.epoch, self.index = self.epoch + 1, 0
-                self._epoch_batches = micro_batches(self.items, self.batch_size, self.epoch, self.seed)
-            out.append(collate(self._epoch_batches[self.index], self.pad_id, self.packed))
-            self.index += 1
-        return out
-
-
-def _prepare_output(out: Path, config: TrainConfig, overwrite: bool):
-    """Claim the run directory for this run (outputs.py: the lock, held until the run ends; a foreign directory,
-    an earlier run without --overwrite or --resume, or a live run in it is refused). Changes no earlier file."""
-    from .checkpoint import list_checkpoints
-    from .outputs import claim_run_directory
-
-    claim = claim_run_directory(out, overwrite=overwrite, resume=config.resume)
-    if config.resume and not list_checkpoints(out / "checkpoints"):
-        claim.release()  # (nothing written: leaves no directory or marker it made behind)
-        raise TrainingError(
-            f"{out}: no checkpoint to resume from (checked {out / 'checkpoints'}); point --output at the "
-            "interrupted run, or start without --resume"
-        )
-    return claim
-
-
-def _check_resumable(out: Path, config: TrainConfig) -> None:
-    """The resumed run must be the same run: same model, data and adapter shape as the saved config."""
-    import json
-
-    saved_path = out / "config.json"
-    if not saved_path.is_file():
-        return
-    try:
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"{saved_path}: the run's saved settings cannot be read ({show(str(e))}), so --resume "
-                            "cannot check it continues the same run; start a new run (--overwrite)") from None
-    if not isinstance(saved, dict):
-        raise TrainingError(f"{saved_path}: not the run's saved settings (a JSON object); start a new run "
-                            "(--overwrite)")
-    fixed = ("model", "data", "quant", "double_quant", "rank", "alpha", "rslora", "targets", "adapter", "seed",
-             "batch_size", "grad_accum", "max_length", "packing", "train_on", "format",
-             "parse_special_tokens")
-    changed = [k for k in fixed if k in saved and saved[k] != getattr(config, k)]
-    if changed:
-        k = changed[0]
-        raise TrainingError(
-            f"{out}: --resume with {k}={show(getattr(config, k))}, but the run was started with {k}={show(saved[k])}; "
-            f"a resumed run must keep {', '.join(fixed)}"
-        )
-
-
 def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | None = None, overwrite: bool = False,
-          log=print, progress: bool = True, demo_data: tuple | None = None, **overrides) -> RunResult:
+          log=print, progress: bool = True, **overrides) -> RunResult:
     """Fine-tune a model with QLoRA and write the adapter (PEFT format), config, metrics and loss curve.
 
     `config` is a TrainConfig, a YAML path, or None (defaults); `overrides` are TrainConfig fields
     (`train(model="...", data="train.jsonl")`). `loaded` = (model, tokenizer) from qlorakit.load, without adapters,
-    skips loading. `demo_data` = (train rows,
-    validation rows) stands in for `config.data` (the built-in task uses it). `overwrite` replaces an earlier run
-    in the output directory, once this one has its first checkpoint (or its adapter).
+    skips loading. `overwrite` replaces an earlier run in the output directory, once this one has its first
+    checkpoint (or its adapter).
     """
-    from .outputs import is_disk_full
-
     claims = []  # the output's claim, taken by _train once the config is known; released however the run ends
     try:
-        return _train(config, loaded=loaded, overwrite=overwrite, log=log, progress=progress, demo_data=demo_data,
-                      claims=claims, **overrides)
+        return _train(config, loaded=loaded, overwrite=overwrite, log=log, progress=progress, claims=claims,
+                      **overrides)
     except OSError as e:
         if not (claims and is_disk_full(e)):
             raise
-        from .checkpoint import list_checkpoints
-
         out = claims[0].path
         restored = claims.pop().release()  # an earlier run this one was replacing is back in place
         kept = list_checkpoints(out / "checkpoints")
@@ -339,16 +212,8 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
             claim.release()
 
 
-def _train(config, *, loaded, overwrite, log, progress, demo_data, claims: list, **overrides) -> RunResult:
+def _train(config, *, loaded, overwrite, log, progress, claims: list, **overrides) -> RunResult:
     """The run, top to bottom; its output's claim goes into `claims`, which train() releases."""
-    from .adapters import add_lora, load_adapter
-    from .checkpoint import load_checkpoint, newest_intact_checkpoint, save_checkpoint
-    from .evaluate import eval_loss, pad_id_of
-    from .load import load, quantization_summary
-    from .metrics import MetricsLog, plot_loss_curve, still_falling
-    from .outputs import atomic_write_json
-    from .precision import resolve_device
-
     if not isinstance(config, TrainConfig):
         config = TrainConfig.build(config, **overrides)
     elif overrides:
@@ -357,22 +222,21 @@ def _train(config, *, loaded, overwrite, log, progress, demo_data, claims: list,
         config.validate()  # a TrainConfig made or changed in Python has not been checked yet
     cfg = config
     out = Path(cfg.output)
-    output = _prepare_output(out, cfg, overwrite)
+    # 0. Checks before minutes of model loading: the output (claimed: locked, an earlier run refused without
+    # --overwrite), what a resume must keep, the data files, the adapter to continue.
+    output = claim_run_directory(out, overwrite=overwrite, resume=cfg.resume)
     claims.append(output)
-    resume_from = resume_contents = None
+    saved, resume_from, resume_contents = {}, None, None
     if cfg.resume:
-        _check_resumable(out, cfg)
+        saved = check_resumable(out, cfg)
         resume_from, resume_contents = newest_intact_checkpoint(out / "checkpoints", log)
-    if cfg.data is not None and demo_data is None:
-        from .data.files import check_data_file
-
-        check_data_file(cfg.data)  # missing, unreadable, a FIFO...: before minutes of model loading
-        if cfg.validation_data is not None:
-            check_data_file(cfg.validation_data, "--validation-data")
+    if cfg.data is None:
+        raise ConfigError("no training data: pass --data FILE (or data: in the YAML config)")
+    check_data_file(cfg.data)  # missing, unreadable, a FIFO...
+    if cfg.validation_data is not None:
+        check_data_file(cfg.validation_data, "--validation-data")
     if cfg.adapter is not None:
-        from .adapters import read_adapter_info
-
-        read_adapter_info(cfg.adapter)  # a missing or broken adapter fails now, not after loading the model
+        read_adapter_info(cfg.adapter)  # missing, broken, or files of two saves
     device = resolve_device(cfg.device) if loaded is None else next(loaded[0].parameters()).device
     if cfg.offload_activations and device.type != "cuda":
         raise ConfigError(
@@ -383,43 +247,32 @@ def _train(config, *, loaded, overwrite, log, progress, demo_data, claims: list,
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # 1. The model, quantized and in its precision.
+    # 1. The model, quantized and in its compute dtype: what dtype= asks, or what `auto` resolves to here (once,
+    # and recorded in config.json: a resumed run keeps the dtype it started in).
     if loaded is not None:
         model, tokenizer = loaded
+        asked = dtype_name(precision_of(model).compute)
     else:
-        model, tokenizer = load(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant, dtype=cfg.dtype,
+        asked = cfg.dtype
+    if cfg.resume:
+        asked = resumed_dtype(out, saved, asked, log)
+    if loaded is None:
+        compute = Precision.resolve(asked, device=device).compute
+        model, tokenizer = load(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant, dtype=compute,
                                 device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_id_of(tokenizer)
 
     # 2. The data: rows -> examples -> token ids and labels.
-    if demo_data is not None:
-        rows, held = demo_data
-        data = load_data(rows, tokenizer, cfg.format, cfg.max_length, cfg.train_on, cfg.on_long,
-                         validation_source=held, seed=cfg.seed, name="built-in task",
-                         parse_special_tokens=cfg.parse_special_tokens)
-    elif cfg.data is None:
-        raise ConfigError("no training data: pass --data FILE (or data: in the YAML config)")
-    else:
-        data = load_data(cfg.data, tokenizer, cfg.format, cfg.max_length, cfg.train_on, cfg.on_long,
-                         cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed,
-                         parse_special_tokens=cfg.parse_special_tokens)
-    log(f"data: {cfg.data or 'built-in task'} ({data.format}): {data.report.describe()}"
+    data = load_data(cfg.data, tokenizer, cfg.format, cfg.max_length, cfg.train_on, cfg.on_long,
+                     cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed,
+                     parse_special_tokens=cfg.parse_special_tokens)
+    log(f"data: {cfg.data} ({data.format}): {data.report.describe()}"
         + (f"; {len(data.validation)} held out for evaluation" if data.validation else ""))
     for skipped in data.report.skipped_rows[:5]:
         log(f"  skipped: {skipped}")
-    fingerprint = _data_fingerprint(data)
+    fingerprint = data_fingerprint(data)
     if resume_contents is not None:
-        saved = resume_contents["state"].get("data")
-        change = _data_change(saved, fingerprint) if isinstance(saved, dict) else None
-        if change:
-            raise TrainingError(
-                f"{out}: --resume with different data than {resume_from} was trained on: {change}. A resumed run "
-                f"must see the same data: restore {cfg.data or 'the data'}, or start a new run (another --output, "
-                "or --overwrite)"
-            )
-        if not isinstance(saved, dict):
-            log(f"warning: {resume_from} does not record its data (an older qlorakit wrote it); the data cannot be "
-                "checked to be the same")
+        check_same_data(out, resume_from, resume_contents, fingerprint, cfg.data, log)
 
     # 3. Adapters (the base stays frozen and quantized): fresh ones, or an existing adapter trained further.
     if cfg.adapter is not None:
@@ -472,9 +325,10 @@ def _train(config, *, loaded, overwrite, log, progress, demo_data, claims: list,
         start_step, position = state["step"], state["position"]
         log(f"resumed from {last_checkpoint} (step {start_step} of {total_steps})")
     output.replace_previous()  # every check has passed: an earlier run moves aside, the new one starts writing
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    # (dtype as asked, compute_dtype as resolved: what a --resume continues in)
+    atomic_write_json(out / "config.json", cfg.to_dict() | {"compute_dtype": dtype_name(precision.compute)})
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if cfg.resume else None)
-    stream = _MicroBatchStream(data.train, cfg.batch_size, cfg.seed, pad_id, cfg.packing, position)
+    stream = MicroBatchStream(data.train, cfg.batch_size, cfg.seed, pad_id, cfg.packing, position)
 
     # 6. The loop.
     bar = None
@@ -546,27 +400,3 @@ def _train(config, *, loaded, overwrite, log, progress, demo_data, claims: list,
     final_loss = result.loss if result is not None else None
     return RunResult(out, total_steps, final_loss, last_eval, data.report.describe(), model, tokenizer, records)
 
-
-def save_adapter(model, out: Path, cfg: TrainConfig, precision, data: TrainingData | None = None) -> Path:
-    """The adapter in PEFT format (adapter_config.json + adapter_model.safetensors) plus qlorakit.json (how to
-    load the base again), each file written atomically (staged in a temporary directory, then moved into place)."""
-    from .outputs import atomic_write_json, staged_files
-    from .precision import dtype_name
-
-    out = Path(out)
-    with staged_files(out) as tmp:
-        peft_config = model.peft_config["default"]
-        base_path = peft_config.base_model_name_or_path
-        peft_config.base_model_name_or_path = str(cfg.model)  # the source as given, not a cache directory
-        try:
-            # save_embedding_layers=False: qlorakit never adapts embeddings, and PEFT's "auto" asks the Hub for
-            # the base's config.json when base_model_name_or_path is a name (the default model's is).
-            model.save_pretrained(tmp, save_embedding_layers=False)
-        finally:
-            peft_config.base_model_name_or_path = base_path
-    atomic_write_json(out / "qlorakit.json", {
-        "base_model": str(cfg.model), "quant": cfg.quant, "double_quant": cfg.double_quant,
-        "dtype": dtype_name(precision.compute), "adapter_dtype": dtype_name(precision.adapter),
-        "format": data.format if data else None, "max_length": cfg.max_length,
-    })
-    return out

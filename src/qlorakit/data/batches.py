@@ -78,6 +78,31 @@ def micro_batches(items: list[Tokenized], batch_size: int, epoch: int, seed: int
     return [[items[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
 
 
+class MicroBatchStream:
+    """The training run's micro-batches in a deterministic order, epoch after epoch, from a saved position
+    ({"epoch", "micro"}: what a checkpoint records, so a resumed run takes the same batches)."""
+
+    def __init__(self, items: list[Tokenized], batch_size: int, seed: int, pad_id: int, packed: bool,
+                 position: dict):
+        self.items, self.batch_size, self.seed, self.pad_id, self.packed = items, batch_size, seed, pad_id, packed
+        self.epoch, self.index = position["epoch"], position["micro"]
+        self._epoch_batches = micro_batches(items, batch_size, self.epoch, seed)
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "micro": self.index}
+
+    def take(self, n: int) -> list[Batch]:
+        out = []
+        for _ in range(n):
+            if self.index >= len(self._epoch_batches):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._epoch_batches = micro_batches(self.items, self.batch_size, self.epoch, self.seed)
+            out.append(collate(self._epoch_batches[self.index], self.pad_id, self.packed))
+            self.index += 1
+        return out
+
+
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, validation): a seeded random `fraction` of the items held out (at least one when fraction > 0)."""
     if fraction <= 0:

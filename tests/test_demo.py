@@ -1,0 +1,56 @@
+"""The demo runs as a user's run does: its built-in task is written once, as JSONL files named by their contents'
+hash, into qlorakit's cache, and trained on through train(data=..., validation_data=...)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import save_tiny_bpe_model
+from qlorakit.demo import demo_files, demo_rows, run_demo
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORAKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_task_is_written_once_to_the_cache_named_by_its_contents(cache):
+    train, heldout = demo_files(n_train=40, n_heldout=10, seed=3)
+    assert re.fullmatch(r"[0-9a-f]{16}", train.parent.name) and train.parent.parent == cache / "demo"
+    assert (train.name, heldout.name, heldout.parent) == ("train.jsonl", "heldout.jsonl", train.parent)
+    rows, held = demo_rows(n_train=40, n_heldout=10, seed=3)
+    assert _rows(train) == rows and _rows(heldout) == held
+    before = {p: p.stat().st_ino for p in (train, heldout)}
+    assert demo_files(n_train=40, n_heldout=10, seed=3) == (train, heldout)  # a rerun reuses them
+    assert {p: p.stat().st_ino for p in (train, heldout)} == before
+    assert demo_files(n_train=40, n_heldout=10, seed=4)[0].parent != train.parent  # other rows, another name
+    train.write_text("edited by hand\n")
+    assert demo_files(n_train=40, n_heldout=10, seed=3) == (train, heldout) and _rows(train) == rows  # restored
+    assert sorted(p.name for p in (cache / "demo").iterdir()) == sorted({train.parent.name,
+                                                                         demo_files(40, 10, 4)[0].parent.name})
+
+
+def test_the_demo_trains_on_its_files_as_any_run(cache, tmp_path):
+    """A whole demo on a tiny model: the run's config.json names the task's files as its data, held-out loss is
+    evaluated on the held-out file, and the log names them."""
+    base = save_tiny_bpe_model(tmp_path / "base")
+    lines = []
+    result = run_demo(log=lines.append, progress=False, n_heldout=4, model=str(base), quant="none", dtype="fp32",
+                      device="cpu", max_steps=2, batch_size=4, output=str(tmp_path / "demo"))
+    train, heldout = demo_files(n_heldout=4)
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert (config["data"], config["validation_data"]) == (str(train), str(heldout))
+    evals = [r for r in result["run"].metrics if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2] and result["run"].eval["tokens"] > 0
+    assert any(line.startswith(f"built-in task: 'Extract the person as name|age|job|city.' (240 training chats, 4 "
+                               f"held out; written to {train.parent})") for line in lines), lines
+    assert any(line.startswith(f"data: {train} (chat): 240 examples") for line in lines), lines
+    assert result["before"]["total"] == result["after"]["total"] == 4
