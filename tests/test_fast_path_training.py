@@ -11,7 +11,7 @@ import torch
 import qlorakit
 from conftest import randomize_lora_b, save_tiny_model
 from qlorakit.data import IGNORE_INDEX, Tokenized, collate
-from qlorakit.train import enable_checkpointing
+from qlorakit.upstream.transformers import enable_checkpointing
 
 
 def _rel(value, reference):

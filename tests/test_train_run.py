@@ -120,7 +120,7 @@ def test_offloaded_checkpointing_moves_each_layer_input_and_keeps_the_gradients(
     import transformers.modeling_utils as modeling_utils
     from torch.autograd.graph import save_on_cpu
 
-    from qlorakit.train import enable_checkpointing
+    from qlorakit.upstream.transformers import enable_checkpointing
 
     offloaded = []
 

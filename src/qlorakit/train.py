@@ -34,7 +34,10 @@ from .loss import batch_loss, causal_lm_loss
 from .metrics import MetricsLog, plot_loss_curve, still_falling
 from .optim import make_optimizer, make_scheduler
 from .outputs import atomic_write_json, claim_run_directory, is_disk_full
+from .fast_path import fast_path_report
 from .precision import Precision, dtype_name, precision_of, resolve_device
+from .upstream.torch_private import is_compiled
+from .upstream.transformers import enable_checkpointing
 
 __all__ = ["RunResult", "StepResult", "TrainStep", "causal_lm_loss", "train"]
 
@@ -62,6 +65,14 @@ class TrainStep:
         else:
             for group in optimizer.param_groups:
                 _check_number("lr", group.get("lr"), name="the optimizer's lr")
+        if is_compiled(model):
+            # Measured (CPU, torch 2.13): the step computes its loss through the decoder, around the compiled
+            # wrapper, so nothing would be compiled; and the fused functions break dynamo's graph at every layer.
+            raise ConfigError(
+                "this model was compiled with torch.compile; qlorakit's training step computes the loss from the "
+                "decoder, around the compiled wrapper, and its fused LoRA functions break dynamo's graph at every "
+                "layer, so compiling gains nothing here. Pass the model from add_lora uncompiled"
+            )
         self.model = model
         self.precision = precision_of(model)
         self.scaler = self.precision.grad_scaler()
@@ -156,30 +167,6 @@ class RunResult:
     model: torch.nn.Module = field(repr=False)
     tokenizer: object = field(repr=False)
     metrics: list[dict] = field(default_factory=list, repr=False)
-
-
-def enable_checkpointing(model, offload: bool = False) -> None:
-    """Activation checkpointing on every decoder layer: each keeps only its input for the backward, where it runs
-    again. With `offload` (CUDA), those inputs — layers x tokens x hidden, what remains of activation memory at long
-    sequence lengths — go to pinned CPU memory and come back for the layer's backward (transformers' offload:
-    torch's save_on_cpu around each checkpoint); it costs a copy each way per layer."""
-    import inspect
-
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if offload and (enable is None or "offload" not in inspect.signature(enable).parameters):
-        import transformers
-
-        raise ConfigError(
-            f"offload_activations needs transformers' activation offloading (activation_checkpointing_enable("
-            f"offload=True), in 5.23), which transformers {transformers.__version__} lacks: upgrade it or leave "
-            f"offload_activations off"
-        )
-    if enable is None:  # transformers before the rename
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif offload:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=True)
-    else:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | None = None, overwrite: bool = False,
@@ -290,6 +277,7 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, **override
     log(f"model: {cfg.model} ({quantization_summary(model)}); LoRA r={cfg.rank} alpha={cfg.alpha:g} on "
         f"{cfg.targets}: {trainable / 1e6:.2f}M trainable parameters")
     log(f"precision: {precision.describe()}")
+    log(f"fast path: {fast_path_report(model).describe()}")
 
     # 4. Optimizer and schedule.
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
