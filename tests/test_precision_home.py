@@ -26,7 +26,7 @@ def _code_lines(path: Path):
             yield number, code
 
 
-def test_no_module_but_precision_names_a_floating_dtype():
+def test_no_module_but_precision_names_a_torch_floating_dtype():
     """Kernels are the documented exception: their fp32 accumulations (LoRA gradients, softmax, norms) are the
     arithmetic of the policy's table, not a choice of dtype for anything the user sees."""
     found = [f"{path.relative_to(SRC)}:{number}: {code.strip()}"
@@ -35,7 +35,7 @@ def test_no_module_but_precision_names_a_floating_dtype():
     assert found == []
 
 
-def test_the_kernels_fp32_is_accumulation_only():
+def test_kernels_name_no_half_or_double_dtype():
     """Inside kernels/, fp32 appears only as accumulation: .float() on operands of products and sums, and the fp32
     branch of lora_product that skips the one-rounding concatenation (nothing to round)."""
     for path in sorted((SRC / "kernels").glob("*.py")):
@@ -54,8 +54,9 @@ def test_a_frozen_weight_out_of_the_policy_is_refused_not_cast(tiny_model_dir):
         model(input_ids=ids)  # in the policy: fine
         base = model.base_model.model.model.layers[0].self_attn.o_proj.base_layer
         base.weight.data = base.weight.data.float()  # something changed the model after qlorakit set it up
-        with pytest.raises(PrecisionError, match=r"frozen base weight gives float32 values but the compute dtype is "
-                                                 r"bfloat16.*precision_of\(model\)\.apply\(model\)"):
+        with pytest.raises(PrecisionError, match=r"^base_model\.model\.model\.layers\.0\.self_attn\.o_proj\.base_layer: "
+                                                 r"the frozen weight is fp32 but the compute dtype is bf16 .*"
+                                                 r"precision_of\(model\)\.apply\(model\)"):
             model(input_ids=ids)
     qlorakit.precision_of(model).apply(model)
     with torch.no_grad():

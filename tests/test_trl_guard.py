@@ -46,17 +46,28 @@ def _trainable_dtypes(model):
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_trl_alone_casts_adapters_to_bf16_under_fp16(tmp_path, tiny_model_dir, dataset, quant):
-    """The companion: without the guard TRL leaves bf16 adapters under fp16, so the guard's test can fail."""
+    """The companion: without the guard TRL leaves bf16 adapters under fp16, so the guard's test can fail.
+
+    It documents upstream behaviour: once a release stops casting (or accelerate gives a CPU a GradScaler) it is
+    reported as a skip naming the release, not a failure; the guard's own tests run and assert either way."""
     model = _model(tiny_model_dir, "fp16", quant)
     assert _trainable_dtypes(model) == {torch.float32}
     trainer = trl.SFTTrainer(
         model=model, args=_config(tmp_path, fp16=True, bf16=False), train_dataset=dataset,
         processing_class=tiny_tokenizer(),
     )
+    if _trainable_dtypes(trainer.model) == {torch.float32}:
+        pytest.skip(f"TRL {trl.__version__} no longer casts the adapters of a {quant} model to bf16; the guard's "
+                    "undoing of that cast is a no-op there: update README (qlorakit.SFTTrainer), DESIGN.md rule 4 "
+                    "and trl_guard.py's docstring")
     assert _trainable_dtypes(trainer.model) == {torch.bfloat16}
-    assert trainer.accelerator.scaler is None  # and on a CPU accelerate would run fp16 without a GradScaler
     with pytest.raises(qlorakit.PrecisionError, match="trainable parameter is bf16 \\(rule 2"):
         qlorakit.precision_of(model).check(trainer.model, torch.amp.GradScaler("cpu"))
+    if trainer.accelerator.scaler is not None:
+        import accelerate
+
+        pytest.skip(f"accelerate {accelerate.__version__} now gives fp16 on a CPU a GradScaler; the one "
+                    "qlorakit.guard installs there is unused: update trl_guard.py's comment")
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])

@@ -182,6 +182,31 @@ def test_an_mlp_formula_changed_upstream_falls_back_and_says_so(tiny_model_dir, 
     assert "gated MLP not fused (2): LlamaMLP.forward computes something other" in caplog.text
 
 
+def test_an_mlp_with_more_than_the_formula_is_not_fused(tiny_model_dir):
+    """The formula is checked in eval mode; a module with another submodule (a dropout its forward applies in
+    training, which the check cannot see) keeps its own forward."""
+    model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
+    model.model.layers[1].mlp.extra_dropout = torch.nn.Dropout(0.5)
+    report = fast_path_report(qlorakit.add_lora(model, rank=4))
+    assert report.fallbacks["gated MLP"] == {
+        "LlamaMLP has other submodules (extra_dropout) the fused MLP would not run": ["base_model.model.model.layers.1.mlp"]}
+    assert report.fused["gated MLP"] == 1
+
+
+def test_a_model_from_elsewhere_is_held_to_the_quantization_its_config_declares(tiny_model_dir):
+    """Precision.attach on a model that did not come from qlorakit.load reads what its config declares, so the
+    no-quantized-layer refusal covers it too."""
+    from qlorakit.upstream.transformers import declared_quantization
+
+    model, _ = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
+    assert declared_quantization(model) == "nf4"
+    del model.qlorakit_quant
+    qlorakit.Precision.resolve("fp32", device="cpu").attach(model)
+    assert model.qlorakit_quant == "nf4"
+    plain, _ = qlorakit.load(tiny_model_dir, quant="none", dtype="fp32", device="cpu")
+    assert declared_quantization(plain) == "none"
+
+
 def test_an_rms_norm_formula_changed_upstream_falls_back_and_says_so(tiny_model_dir, monkeypatch):
     from transformers.models.llama import modeling_llama
 

@@ -18,10 +18,9 @@ import sys
 from .config import PARSE_SPECIAL_HELP, TrainConfig, choices_of, read_yaml, value_kinds
 from .errors import QLoraKitError
 from .export.gguf_file import GGUF_TYPES
-from .export.merge import DEFAULT_OUTPUT_DTYPE
 from .export.source import BASES
 from .load import DEFAULT_MODEL, QUANT_KINDS
-from .precision import COMPUTE_CHOICES, DTYPE_NAMES
+from .precision import COMPUTE_CHOICES, DEFAULT_SAVED_DTYPE, DTYPE_NAMES
 
 BASE_HELP = ("what the adapter's delta is added to: quantized (default), the base it was trained against, quantized "
              "and dequantized as training did (qlorakit.json says how), so the merged model answers as the evaluated "
@@ -252,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter directory (a qlorakit run's --output or any PEFT "
                                                         "LoRA adapter)")
     merge.add_argument("--output", required=True, help="directory to write the merged model to")
-    merge.add_argument("--dtype", default=DEFAULT_OUTPUT_DTYPE, choices=DTYPE_NAMES,
-                       help=f"saved dtype (default {DEFAULT_OUTPUT_DTYPE})")
+    merge.add_argument("--dtype", default=DEFAULT_SAVED_DTYPE, choices=DTYPE_NAMES,
+                       help=f"saved dtype (default {DEFAULT_SAVED_DTYPE})")
     merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--base", default="quantized", choices=BASES, help=BASE_HELP)

@@ -151,9 +151,10 @@ def install_fast_path(model: torch.nn.Module, compute: torch.dtype) -> "FastPath
     returns the report of what took them. Every upstream internal the routes rely on is checked first."""
     torch_private.check()
     upstream_transformers.check()
-    for _, layer in upstream_peft.lora_linear_layers(model):
+    for name, layer in upstream_peft.lora_linear_layers(model):
         if supported_base(layer.get_base_layer()) is None:
             layer.qlorakit_compute_dtype = compute
+            layer.qlorakit_name = f"{name}.base_layer"  # for messages about its frozen weight
             _route(layer, _lora_forward, "qlorakit_fused")
     for module in model.modules():
         if _fused_projections(module, MLP_PROJECTIONS) and upstream_transformers.gated_mlp_mismatch(module,
@@ -161,7 +162,8 @@ def install_fast_path(model: torch.nn.Module, compute: torch.dtype) -> "FastPath
             _route(module, _mlp_forward, "qlorakit_fused_mlp")
         if _fused_projections(module, QKV_PROJECTIONS):
             _route(module, _attention_module_forward, "qlorakit_fused_qkv")
-        if upstream_transformers.rms_norm_mismatch(module, kernels.normalize) is None:
+        if upstream_transformers.is_rms_norm(module) and upstream_transformers.rms_norm_mismatch(
+                module, kernels.normalize) is None:
             _route(module, _norm_forward, "qlorakit_fused_norm")
     if upstream_transformers.attention_implementation(model) in ("sdpa", ATTENTION):
         upstream_transformers.register_attention(ATTENTION, packed_attention_forward)
@@ -178,7 +180,9 @@ def install_fast_path(model: torch.nn.Module, compute: torch.dtype) -> "FastPath
 @dataclass
 class FastPathReport:
     """How many modules of each kind take qlorakit's kernels, and why each other one does not (reason -> module
-    names). Kinds: LoRA linear layers, gated MLP blocks, q/k/v blocks, RMSNorms, attention, loss."""
+    names). Kinds: LoRA linear layers, gated MLP blocks, q/k/v blocks, RMSNorms, attention, loss. A routed RMSNorm
+    runs its own forward where no gradient is recorded (the same values; the kernel exists to keep less for the
+    backward), and the packed attention hands every call that is not a packed row to sdpa: both count as fused."""
 
     compute: torch.dtype
     fused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
@@ -225,7 +229,7 @@ def fast_path_report(model: torch.nn.Module) -> FastPathReport:
                 upstream_transformers.gated_mlp_mismatch(module, report.compute))))
         if all(hasattr(module, n) for n in QKV_PROJECTIONS):
             report.add("q/k/v", name, _block_why_not(module, QKV_PROJECTIONS, "qlorakit_fused_qkv", lambda: None))
-        if type(module).__name__.endswith("RMSNorm"):
+        if upstream_transformers.is_rms_norm(module):
             why_not = None if getattr(module, "qlorakit_fused_norm", False) else (
                 upstream_transformers.rms_norm_mismatch(module, kernels.normalize)
                 or "fast path not installed (fused=False)")

@@ -88,6 +88,9 @@ def dequantized_to(quant: str, compute: torch.dtype) -> torch.dtype:
 
 # The loss (log-softmax over the vocabulary) is always computed in fp32 (DESIGN.md).
 LOSS_DTYPE = torch.float32
+# A merged model is saved in bf16 unless asked otherwise: half the bytes of fp32 with fp32's range (fp16's would
+# overflow on some models' activations when the merged model is run in fp16).
+DEFAULT_SAVED_DTYPE = "bf16"
 # Exports work in fp32: a merge adds the LoRA delta s·B·A to the dequantized base in fp32 and rounds once to the
 # saved dtype, and a GGUF file is encoded from fp32 tensors, so no intermediate rounding precedes the one the user
 # asked for. A GGUF source is converted to fp32 safetensors for the same reason: qlorakit then quantizes it its way.
@@ -288,9 +291,15 @@ class Precision:
         return model
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Apply this policy to `model` and remember it there for add_lora, the training step and the TRL guard."""
+        """Apply this policy to `model` and remember it there for add_lora, the training step and the TRL guard
+        (and, for a model that did not come from qlorakit.load, the quantization its config declares, which
+        `check` holds it to)."""
         self.apply(model)
         model.qlorakit_precision = self
+        if getattr(model, "qlorakit_quant", None) is None:
+            from .upstream.transformers import declared_quantization
+
+            model.qlorakit_quant = declared_quantization(model)
         return model
 
     # -- check ----------------------------------------------------------------------------------------------
@@ -324,7 +333,7 @@ class Precision:
 
             raise changed("bitsandbytes", "how it stores quantized layers",
                           f"the model was loaded as {loaded_as}, but no bitsandbytes 4-bit or 8-bit layer was found "
-                          "in it")
+                          "in it; if you dequantized it yourself, load it again with quant='none'")
         for name, module in model.named_modules():
             if getattr(module, "qlorakit_fused", False) and module.qlorakit_compute_dtype != self.compute:
                 raise PrecisionError(

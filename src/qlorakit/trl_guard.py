@@ -15,13 +15,13 @@ from transformers import TrainerCallback
 
 from .errors import PrecisionError
 from .precision import Precision, dtype_name, precision_of
-from .upstream import accelerate
+from .upstream import accelerate, require
 
 
 def _check_args(args, precision: Precision) -> None:
     wanted = precision.trainer_flags()
     for flag, value in wanted.items():
-        if bool(getattr(args, flag, False)) != value:
+        if bool(require("transformers", args, flag, "TrainingArguments")) != value:
             raise PrecisionError(
                 f"TrainingArguments.{flag}={getattr(args, flag, None)} but the model's compute dtype is "
                 f"{dtype_name(precision.compute)}; set fp16={wanted['fp16']}, bf16={wanted['bf16']} "

@@ -20,11 +20,10 @@ import torch
 
 from ..errors import ConfigError, show
 from ..outputs import check_output, staged_output
-from ..precision import DTYPE_NAMES, is_dtype_name, parse_dtype, torch_config_name
+from ..precision import DEFAULT_SAVED_DTYPE, DTYPE_NAMES, is_dtype_name, parse_dtype, torch_config_name
 from .source import ModelTensors, check_base, merge_base, merged_tensors, read_lora
 
 # What a merged model is saved in unless asked otherwise: 16 bits, with fp32's exponent range.
-DEFAULT_OUTPUT_DTYPE = "bf16"
 
 
 def parse_size(size: str | int) -> int:
@@ -146,7 +145,7 @@ def _write_shards(source: ModelTensors, tensors, output: Path, dtype: torch.dtyp
     return total
 
 
-def merge(adapter: str | Path, output: str | Path, dtype: str = DEFAULT_OUTPUT_DTYPE, model: str | None = None,
+def merge(adapter: str | Path, output: str | Path, dtype: str = DEFAULT_SAVED_DTYPE, model: str | None = None,
           max_shard_size: str | int = "5GB", overwrite: bool = False, base: str = "quantized", log=print) -> Path:
     """Merge a LoRA adapter into its base and save a standard safetensors model directory at `output`.
 

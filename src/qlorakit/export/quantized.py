@@ -18,7 +18,7 @@ def save_quantized(model, tokenizer, output: str | Path, overwrite: bool = False
     if hasattr(model, "peft_config"):
         raise ConfigError("save_quantized saves the base model from qlorakit.load; this one carries LoRA adapters, "
                           "which the training run saves on their own (PEFT format)")
-    if not getattr(model, "is_quantized", False):
+    if not any(bnb.quantized_layers(model)):
         raise ConfigError("this model is not quantized (quant='none'); save it with save_pretrained, or load it "
                           "with quant='nf4', 'fp4' or 'int8' first")
     for name, module, _ in bnb.quantized_layers(model, "4bit"):
@@ -39,11 +39,12 @@ def quantize(source: str, output: str | Path, quant: str = "nf4", double_quant: 
              overwrite: bool = False, log=print) -> Path:
     """Quantize `source` (from its fp32 weights, for the most faithful scales) and save it with save_quantized."""
     from ..load import load, quantization_summary
+    from ..precision import EXPORT_DTYPE
 
     if quant == "none":
         raise ConfigError("quant='none' leaves nothing to save quantized; use nf4, fp4 or int8")
     check_output(output, "quantize", overwrite)  # before the minutes of loading
-    model, tokenizer = load(source, quant=quant, double_quant=double_quant, dtype="fp32", device=device)
+    model, tokenizer = load(source, quant=quant, double_quant=double_quant, dtype=EXPORT_DTYPE, device=device)
     path = save_quantized(model, tokenizer, output, overwrite=overwrite)
     size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
     log(f"wrote {path} ({quantization_summary(model)}; {size / 1e6:.1f} MB of weights)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, SourceError, show
-from ..precision import EXPORT_DTYPE, dequantized_to, frozen_dtype, quantized_from
+from ..precision import DTYPE_NAMES, EXPORT_DTYPE, dequantized_to, frozen_dtype, quantized_from
 from ..upstream import bitsandbytes as bnb
 
 _QUANT_STATE_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -187,7 +187,7 @@ def _trained_as(adapter_dir: Path, info: dict) -> tuple[str, bool, torch.dtype]:
     where = adapter_dir / "qlorakit.json"
     checks = (("quant", lambda v: v in QUANT_KINDS, ", ".join(QUANT_KINDS)),
               ("double_quant", lambda v: isinstance(v, bool), "true or false"),
-              ("dtype", lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16, fp16"))
+              ("dtype", lambda v: v in DTYPE_NAMES, ", ".join(DTYPE_NAMES)))
     for field, valid, expected in checks:
         if field not in saved or not valid(saved[field]):
             got = f"is {show(saved[field])}" if field in saved else "is missing"

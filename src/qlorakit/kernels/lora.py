@@ -30,9 +30,11 @@ def frozen_weight(base, compute: torch.dtype) -> torch.Tensor:
     Precision.check)."""
     dense = base.dense(compute)
     if dense.dtype != compute:
+        from ..precision import dtype_name
+
         raise PrecisionError(
-            f"a frozen base weight gives {str(dense.dtype).replace('torch.', '')} values but the compute dtype is "
-            f"{str(compute).replace('torch.', '')} (the precision policy: every frozen and dequantized weight is in "
+            f"{getattr(base, 'name', 'a frozen base layer')}: the frozen weight is {dtype_name(dense.dtype)} but the "
+            f"compute dtype is {dtype_name(compute)} (the precision policy: every frozen and dequantized weight is in "
             "the compute dtype). Something changed the model after qlorakit set it up; call "
             "qlorakit.precision_of(model).apply(model)"
         )

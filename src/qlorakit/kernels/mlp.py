@@ -3,10 +3,11 @@ autograd function.
 
 Layer by layer, autograd keeps four [tokens x intermediate] tensors per MLP for the backward (gate output, up
 output, act(gate), and their product, the down projection's input); this keeps two (gate and up outputs) and
-recomputes the rest (and keeps its input as the norm's input when it is an rms_norm output, see rmsnorm.py), which is elementwise. The input gradient of gate and up is one matrix product over
-[dgate, dup, s·dgate·Bg, s·dup·Bu] · [Wg; Wu; Ag; Au] — accumulated in fp32 and rounded once, like the forward
-products (see lora.py). The activation's derivative is taken in fp32, whatever the activation (SiLU for
-SwiGLU, tanh-GELU for GeGLU). (qlorakit/fast_path.py routes the MLP modules whose formula this is through it.)
+recomputes the rest (and keeps its input as the norm's input when it is an rms_norm output, see rmsnorm.py), which
+is elementwise. The input gradient of gate and up is one matrix product over [dgate, dup, s·dgate·Bg, s·dup·Bu] ·
+[Wg; Wu; Ag; Au] — accumulated in fp32 and rounded once, like the forward products (see lora.py). The activation's
+derivative is taken in fp32, whatever the activation (SiLU for SwiGLU, tanh-GELU for GeGLU). (qlorakit/fast_path.py
+routes the MLP modules whose formula this is through it.)
 """
 
 from __future__ import annotations

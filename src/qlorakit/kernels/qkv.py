@@ -1,11 +1,12 @@
-"""The query, key and value projections of an attention block, with LoRA on each, as one autograd function over
-their shared input.
+"""The query, key and value projections of an attention block, with LoRA on each, as one autograd function over their
+shared input.
 
-Per layer, autograd would produce three input gradients, each rounded to bf16/fp16, then add them — two more roundings. Here the input is
-saved once (as the norm's input when it is an rms_norm output, see rmsnorm.py) and its gradient is one matrix product over [dq, dk, dv, s·dq·Bq, s·dk·Bk, s·dv·Bv] · [Wq; Wk; Wv; Aq;
-Ak; Av], accumulated in fp32 and rounded once (see lora.py for why the rounding matters). Frozen biases (Qwen2) are
-kept, and so are the B biases of PEFT's lora_bias. The output projection takes the single-layer function in lora.py; it has its own input.
-(qlorakit/fast_path.py hooks it into attention modules.)
+Per layer, autograd would produce three input gradients, each rounded to bf16/fp16, then add them — two more
+roundings. Here the input is saved once (as the norm's input when it is an rms_norm output, see rmsnorm.py) and its
+gradient is one matrix product over [dq, dk, dv, s·dq·Bq, s·dk·Bk, s·dv·Bv] · [Wq; Wk; Wv; Aq; Ak; Av], accumulated
+in fp32 and rounded once (see lora.py for why the rounding matters). Frozen biases (Qwen2) are kept, and so are the
+B biases of PEFT's lora_bias. The output projection takes the single-layer function in lora.py; it has its own
+input. (qlorakit/fast_path.py hooks it into attention modules.)
 """
 
 from __future__ import annotations

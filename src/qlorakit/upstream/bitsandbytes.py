@@ -155,12 +155,12 @@ def dequantize(module: torch.nn.Module) -> torch.Tensor:
 
 class FrozenLinear:
     """The frozen base of a LoRA layer as qlorakit's kernels take it: `dense(compute)`, the weight in the compute
-    dtype, and `bias`. The module is read at each call, so a weight replaced or moved later is seen."""
+    dtype, `bias`, and `name` for messages. The module is read at each call, so a weight replaced or moved later is seen."""
 
-    __slots__ = ("module",)
+    __slots__ = ("module", "name")
 
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
+    def __init__(self, module: torch.nn.Module, name: str = "a frozen base layer"):
+        self.module, self.name = module, name
 
     @property
     def bias(self):
@@ -192,7 +192,10 @@ def supported_base(module: torch.nn.Module) -> str | None:
     if kind == "4bit":
         return None if quant_state(weight) is not None else "the 4-bit weight is not quantized yet"
     if is_quantized_linear(module):
-        return "the 8-bit layer keeps fp16 weights (has_fp16_weights)" if kind is None else None
+        if kind is None:
+            return ("the 8-bit layer keeps fp16 weights (has_fp16_weights)" if isinstance(weight, _classes()[1])
+                    else "the quantized layer's weight is not quantized")
+        return None
     # A subclass may compute something else than x·Wᵀ + b.
     return f"the base layer is a {type(module).__name__}, not a Linear qlorakit's kernels compute"
 

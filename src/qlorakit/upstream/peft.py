@@ -105,5 +105,5 @@ def lora_parts(layer) -> LoRAParts | str:
     why_not = supported_base(base)
     if why_not is not None:
         return why_not
-    return LoRAParts(FrozenLinear(base), lora_a.weight, lora_b.weight, lora_b.bias, float(layer.scaling[name]),
+    return LoRAParts(FrozenLinear(base, layer.__dict__.get("qlorakit_name", "a LoRA layer's base")), lora_a.weight, lora_b.weight, lora_b.bias, float(layer.scaling[name]),
                      dropout_p)

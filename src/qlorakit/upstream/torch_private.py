@@ -34,11 +34,13 @@ def _hook_registries() -> tuple[dict, ...]:
         raise changed(PACKAGE, "torch.nn.modules.module's global hook registries", "they are gone") from None
 
 
+_MODULE_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def runs_hooks(module: torch.nn.Module) -> bool:
     """Whether calling `module` would run hooks (its own or global ones: PEFT's per-row adapter_names, a user's
     probe) — a fused block that computes the module's output without calling it must then call it instead."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks or any(_hook_registries()))
+    return bool(any(getattr(module, name) for name in _MODULE_HOOKS) or any(_hook_registries()))
 
 
 def version_counter(tensor: torch.Tensor) -> int:
@@ -55,6 +57,12 @@ def check() -> None:
     flash_attention_cpu()
     _hook_registries()
     version_counter(torch.zeros(1))
+    probe = torch.nn.Identity()
+    for name in _MODULE_HOOKS:
+        if not isinstance(getattr(probe, name, None), dict):
+            raise changed(PACKAGE, f"Module.{name}", "modules no longer keep their hooks there")
+    if "_compiled_call_impl" not in vars(torch.nn.Module):
+        raise changed(PACKAGE, "Module._compiled_call_impl", "model.compile() no longer sets it")
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -64,4 +72,6 @@ def is_compiled(module: torch.nn.Module) -> bool:
         from torch._dynamo.eval_frame import OptimizedModule
     except ImportError:
         raise changed(PACKAGE, "torch._dynamo.eval_frame.OptimizedModule", "the class is gone") from None
+    if "_compiled_call_impl" not in vars(torch.nn.Module):
+        raise changed(PACKAGE, "Module._compiled_call_impl", "model.compile() no longer sets it")
     return isinstance(module, OptimizedModule) or module.__dict__.get("_compiled_call_impl") is not None

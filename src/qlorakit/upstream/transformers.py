@@ -49,7 +49,9 @@ def sdpa_attention():
 
 
 def attention_implementation(model) -> str | None:
-    return getattr(_base(model).config, "_attn_implementation", None)
+    """The attention implementation the model's config names ('sdpa', 'eager', ...)."""
+    config = _base(model).config
+    return require(PACKAGE, config, "_attn_implementation", type(config).__name__)
 
 
 def set_attention_implementation(model, name: str) -> None:
@@ -112,13 +114,21 @@ def _eval_mode(module: torch.nn.Module):
 
 def gated_mlp_mismatch(module, compute: torch.dtype) -> str | None:
     """None when `module` computes down(act(gate(x)) · up(x)) from its gate_proj, up_proj, down_proj and act_fn —
-    checked by running its own forward once on a fixed input against that formula — else why not. The result is
-    kept per class: a class computes one formula."""
+    checked by running its own forward once on a fixed input against that formula, in eval mode; and, as training
+    mode could add something the check does not see (a dropout inside the forward), only a module with no other
+    submodule and its class's own forward qualifies — else why not. The result is kept per class, compute dtype
+    and device type: a class computes one formula."""
     names = ("gate_proj", "up_proj", "down_proj", "act_fn")
     missing = [n for n in names if not hasattr(module, n)]
     if missing:
         return f"no {', '.join(missing)}"
-    return _formula_checked(type(module), "mlp", lambda: _check_gated_mlp(module, compute))
+    others = [n for n, _ in module.named_children() if n not in names]
+    if others:
+        return f"{type(module).__name__} has other submodules ({', '.join(others)}) the fused MLP would not run"
+    if "forward" in vars(module) and not getattr(module, "qlorakit_fused_mlp", False):
+        return "its forward was replaced on the module (a hook or wrapper)"
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return _formula_checked((type(module), "mlp", compute, device.type), lambda: _check_gated_mlp(module, compute))
 
 
 def _check_gated_mlp(module, compute) -> str | None:
@@ -137,20 +147,26 @@ def _check_gated_mlp(module, compute) -> str | None:
     return None
 
 
+def is_rms_norm(module) -> bool:
+    """A module shaped like transformers' RMSNorms: a 1-D weight, `variance_epsilon`, no submodules."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon")
+            and not any(True for _ in module.children()))
+
+
 def rms_norm_mismatch(module, normalize) -> str | None:
-    """None when `module` is an RMSNorm computing `normalize(x, weight, eps)` (the Llama formula, see
-    kernels/rmsnorm.py) — checked by running its forward once on a fixed input — else why not (kept per class)."""
-    if not isinstance(getattr(module, "weight", None), torch.Tensor) or not hasattr(module, "variance_epsilon"):
-        return "not an RMSNorm with weight and variance_epsilon"
-    if "norm" not in type(module).__name__.lower():
-        return "not a norm"
-    return _formula_checked(type(module), "norm", lambda: _check_rms_norm(module, normalize))
+    """None when `module` (an is_rms_norm module) computes `normalize(x, weight, eps)` (the Llama formula, see
+    kernels/rmsnorm.py) — checked by running its forward once on a fixed input — else why not (kept per class,
+    dtype and device type)."""
+    if "forward" in vars(module) and not getattr(module, "qlorakit_fused_norm", False):
+        return "its forward was replaced on the module (a hook or wrapper)"
+    weight = module.weight
+    key = (type(module), "norm", weight.dtype, weight.device.type)
+    return _formula_checked(key, lambda: _check_rms_norm(module, normalize))
 
 
 def _check_rms_norm(module, normalize) -> str | None:
     weight = module.weight
-    if weight.dim() != 1:
-        return "the weight is not a vector"
     x = _probe(module, weight.shape[0], weight.dtype, weight.device)
     with torch.no_grad():
         own = type(module).forward(module, x)
@@ -163,8 +179,7 @@ def _check_rms_norm(module, normalize) -> str | None:
 _FORMULA_CHECKS: dict = {}
 
 
-def _formula_checked(cls, what: str, check) -> str | None:
-    key = (cls, what)
+def _formula_checked(key: tuple, check) -> str | None:
     if key not in _FORMULA_CHECKS:
         _FORMULA_CHECKS[key] = check()
     return _FORMULA_CHECKS[key]
@@ -192,6 +207,19 @@ def plain_output_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | str:
     if head.weight.requires_grad:
         return "lm_head is trainable"
     return decoder, head
+
+
+def declared_quantization(model) -> str:
+    """'nf4' / 'fp4' / 'int8' when the model's config declares a bitsandbytes quantization, else 'none'."""
+    settings = getattr(getattr(_base(model), "config", None), "quantization_config", None)
+    if settings is None:
+        return "none"
+    settings = settings if isinstance(settings, dict) else settings.to_dict()
+    if settings.get("quant_method") != "bitsandbytes":
+        return "none"
+    if settings.get("load_in_8bit"):
+        return "int8"
+    return str(settings.get("bnb_4bit_quant_type", "fp4")) if settings.get("load_in_4bit") else "none"
 
 
 # -- training and loading -------------------------------------------------------------------------------------
