@@ -230,24 +230,11 @@ def enable_checkpointing(model, offload: bool = False) -> None:
     again (non-reentrant). With `offload` (CUDA), those inputs — layers x tokens x hidden, what remains of activation
     memory at long sequence lengths — go to pinned CPU memory and come back for the layer's backward (transformers'
     offload: torch's save_on_cpu around each checkpoint); it costs a copy each way per layer."""
-    from ..errors import ConfigError
-
-    enable = getattr(model, "activation_checkpointing_enable", None)  # (PEFT models forward it to their base)
-    parameters = inspect.signature(enable).parameters if enable is not None else {}
-    if offload and "offload" not in parameters:
-        import transformers
-
-        raise ConfigError(
-            f"offload_activations needs transformers' activation offloading (activation_checkpointing_enable("
-            f"offload=True), in 5.23), which transformers {transformers.__version__} lacks: upgrade it or leave "
-            "offload_activations off")
-    if enable is None:  # transformers before the rename
-        require(PACKAGE, model, "gradient_checkpointing_enable", type(_base(model)).__name__)(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-        return
-    if "activation_checkpointing_kwargs" not in parameters:
+    enable = require(PACKAGE, model, "activation_checkpointing_enable", type(_base(model)).__name__)
+    parameters = inspect.signature(enable).parameters  # (PEFT models forward the method to their base)
+    if "activation_checkpointing_kwargs" not in parameters or "offload" not in parameters:
         raise changed(PACKAGE, "activation_checkpointing_enable's arguments", f"it takes {', '.join(parameters)}")
-    enable(activation_checkpointing_kwargs={"use_reentrant": False}, **({"offload": True} if offload else {}))
+    enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
 
 
 def save_dequantized(model, directory) -> None:
