@@ -10,7 +10,7 @@ import torch
 import qlorakit
 from qlorakit import ConfigError, SourceError
 from qlorakit.load import quantization_summary
-from qlorakit.precision import own_weight
+from qlorakit.upstream.bitsandbytes import own_weight
 
 
 def test_unquantized_load_is_frozen_and_in_compute_dtype(tiny_model_dir):

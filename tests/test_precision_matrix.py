@@ -7,7 +7,7 @@ import torch
 
 import qlorakit
 from conftest import DTYPES
-from qlorakit.precision import own_weight
+from qlorakit.upstream.bitsandbytes import own_weight
 
 QUANTS = {  # id -> (quant, double_quant)
     "nf4-dq": ("nf4", True),

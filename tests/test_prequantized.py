@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qlorakit
-from qlorakit.precision import own_weight
+from qlorakit.upstream.bitsandbytes import own_weight
 
 
 def _state_dtypes(model):
