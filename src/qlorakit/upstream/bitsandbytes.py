@@ -167,11 +167,11 @@ class FrozenLinear:
         return self.module.bias
 
     def dense(self, compute: torch.dtype) -> torch.Tensor:
-        from ..precision import dequantized_to
-
         dense = dequantize(self.module)
-        if weight_kind(self.module.weight) == "int8":
-            dense = dense.to(dequantized_to("int8", compute))  # the fp32 codes x scales product, not a stored dtype
+        if weight_kind(self.module.weight) == "int8":  # the fp32 codes x scales product, not a stored dtype
+            from ..precision import dequantized_to  # (here, not per call: precision imports this module)
+
+            dense = dense.to(dequantized_to("int8", compute))
         return dense
 
 

@@ -4,6 +4,7 @@ name), activation checkpointing, and the quantizer a GGUF conversion drops."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -95,21 +96,16 @@ def _probe(module: torch.nn.Module, width: int, dtype: torch.dtype, device) -> t
     return torch.randn(1, 3, width, generator=generator).to(device=device, dtype=dtype)
 
 
+@contextlib.contextmanager
 def _eval_mode(module: torch.nn.Module):
-    """Context: `module` and its children in eval mode (dropout off), restored after."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        modes = [(m, m.training) for m in module.modules()]
-        module.eval()
-        try:
-            yield
-        finally:
-            for m, mode in modes:
-                m.training = mode
-
-    return scope()
+    """`module` and its children in eval mode (dropout off), their modes restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def gated_mlp_mismatch(module, compute: torch.dtype) -> str | None:
