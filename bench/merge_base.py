@@ -5,7 +5,7 @@
 
 Evaluated on the demo's 60 held-out chats, greedy, 24 new tokens, the same prompt token ids for every model:
   (a) the trained model: qlorakit.load as recorded in the run's qlorakit.json (NF4) + the adapter, evaluated the
-      way the demo and `qlorakit eval` evaluate it (qlorakit.evaluate.generate);
+      way the demo and `qlorakit eval` evaluate it (qlorakit.generation.generate);
   (b) the adapter merged into the quantized base it was trained against (`--base quantized`);
   (c) the adapter merged into the original unquantized weights (`--base original`);
 both merged in bf16 (the default merge dtype) and in fp32, each loaded with plain transformers in bf16 and fp32 and
@@ -38,7 +38,8 @@ def _plain_model(model_dir: Path, dtype: torch.dtype):
 
 def _plain_answers(model, tokenizer, encoded: list[list[int]]) -> list[str]:
     """Greedy answers of a merged model loaded with plain transformers: left-padded batches, as qlorakit batches."""
-    from qlorakit.evaluate import _stop_ids, pad_id_of
+    from qlorakit.data import pad_id_of
+    from qlorakit.generation import stop_ids
 
     pad = pad_id_of(tokenizer)
     answers = []
@@ -49,7 +50,7 @@ def _plain_answers(model, tokenizer, encoded: list[list[int]]) -> list[str]:
             ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=_stop_ids(tokenizer))
+                                 pad_token_id=pad, eos_token_id=stop_ids(tokenizer))
             answers += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
     return answers
 
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     from qlorakit.adapters import load_adapter
     from qlorakit.data import read_examples
     from qlorakit.demo import demo_rows, run_demo
-    from qlorakit.evaluate import encode_prompts, generate, prompt_and_reference
+    from qlorakit.evaluate import prompt_and_reference
+    from qlorakit.generation import encode_prompts, generate
     from qlorakit.precision import precision_of
 
     work = Path(args.work or tempfile.mkdtemp(prefix="merge-base-"))

@@ -298,7 +298,7 @@ def _tiny_chat_model(tmp_path, tokenizer):
 def test_chat_and_eval_prompts_tokenize_as_training_does(tmp_path, template):
     """generate() (chat, eval's exact match) feeds the model the ids training used for the same turns: forged
     control tokens in a user message stay text there too, unless parse_special_tokens."""
-    from qlorakit.evaluate import generate
+    from qlorakit.generation import generate
 
     tokenizer = chat_tokenizer(template)
     model = _tiny_chat_model(tmp_path, tokenizer)
@@ -335,7 +335,7 @@ def test_batched_generation_with_left_padding_equals_one_by_one(tiny_model_dir):
     """generate() pads prompts of different lengths on the left itself: the greedy answers are the ones each
     prompt gets alone (chat and plain-text prompts mixed)."""
     import qlorakit
-    from qlorakit.evaluate import generate
+    from qlorakit.generation import generate
 
     model, tokenizer = qlorakit.load(str(tiny_model_dir), quant="none", dtype="fp32", device="cpu")
     prompts = [[{"role": "user", "content": "w10 w11 w12 w13 w14 w15 w16"}], [{"role": "user", "content": "w40"}],

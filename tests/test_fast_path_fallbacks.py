@@ -15,7 +15,8 @@ import qlorakit
 from conftest import save_tiny_bpe_model, tiny_tokenizer
 from qlorakit.adapters import load_adapter
 from qlorakit.data import Tokenized, collate
-from qlorakit.evaluate import eval_loss, generate
+from qlorakit.evaluate import eval_loss
+from qlorakit.generation import generate
 from qlorakit.fast_path import ATTENTION
 from qlorakit.kernels import attention as attention_module
 from qlorakit.kernels import lora as lora_module

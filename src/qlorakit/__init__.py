@@ -16,7 +16,8 @@ from .config import TrainConfig
 from .data import load_data
 from .errors import (ConfigError, DataError, PrecisionError, QLoraKitError, SourceError, TrainingError,
                      UpstreamError)
-from .evaluate import eval_loss, exact_match, generate
+from .evaluate import eval_loss, exact_match
+from .generation import generate
 from .export import export_gguf, merge, quantize, save_quantized
 from .fast_path import FastPathReport, fast_path_report
 from .load import DEFAULT_MODEL, QUANT_KINDS, load

@@ -59,7 +59,7 @@ def _load_with_adapter(args):
 
 
 def _chat(args) -> int:
-    from .evaluate import generate
+    from .generation import generate
 
     model, tokenizer = _load_with_adapter(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -97,7 +97,8 @@ def _eval(args) -> int:
     import json
 
     from .data import TokenizeReport, check_trainable, read_examples, tokenize_examples
-    from .evaluate import eval_loss, exact_match, pad_id_of, prompt_and_reference
+    from .data import pad_id_of
+    from .evaluate import eval_loss, exact_match, prompt_and_reference
 
     # The data first: a missing, empty or broken file fails now, not after loading the model.
     report = TokenizeReport()

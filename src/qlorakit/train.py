@@ -25,10 +25,10 @@ from .checkpoint import (
     resumed_dtype, save_checkpoint,
 )
 from .config import OPTIMIZER_RANGES, TrainConfig
-from .data import IGNORE_INDEX, Batch, check_data_file, load_data
+from .data import IGNORE_INDEX, Batch, check_data_file, load_data, pad_id_of
 from .data.batches import MicroBatchStream
 from .errors import ConfigError, TrainingError, check_number
-from .evaluate import eval_loss, pad_id_of
+from .evaluate import eval_loss
 from .load import load, quantization_summary
 from .loss import batch_loss, causal_lm_loss
 from .metrics import MetricsLog, plot_loss_curve, still_falling

@@ -16,13 +16,13 @@ from .files import Row, check_data_file, read_rows
 from .formats import FORMATS, Example, detect_format, to_example
 from .tokenize import (
     DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, Tokenized, TokenizeReport, check_trainable, encode_chat, encode_text,
-    render_chat, special_token_pattern, tokenize_examples,
+    pad_id_of, render_chat, special_token_pattern, tokenize_examples,
 )
 
 __all__ = [
     "Batch", "DEFAULT_CHAT_TEMPLATE", "Example", "FORMATS", "IGNORE_INDEX", "Row", "Tokenized", "TokenizeReport",
     "TrainingData", "check_data_file", "check_trainable", "collate", "detect_format", "encode_chat", "encode_text",
-    "epoch_order", "load_data", "micro_batches", "read_examples", "read_rows", "render_chat",
+    "epoch_order", "load_data", "micro_batches", "pad_id_of", "read_examples", "read_rows", "render_chat",
     "special_token_pattern", "split_validation", "to_example", "tokenize_examples",
 ]
 

@@ -289,3 +289,11 @@ def check_trainable(items: list[Tokenized], report: TokenizeReport, source: str,
     else:
         cause = "every example is a single token"
     raise DataError(f"{source}: nothing to train on — {cause}")
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS, else 0 (masked out either way)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
