@@ -11,20 +11,10 @@
     qlorakit.save_quantized(model, tokenizer, "base-nf4")              # the quantized base itself
 """
 
-from .adapters import add_lora, load_adapter
-from .config import TrainConfig
-from .data import load_data
-from .errors import (ConfigError, DataError, PrecisionError, QLoraKitError, SourceError, TrainingError,
-                     UpstreamError)
-from .evaluate import eval_loss, exact_match
-from .generation import generate
-from .export import export_gguf, merge, quantize, save_quantized
-from .fast_path import FastPathReport, fast_path_report
-from .load import DEFAULT_MODEL, QUANT_KINDS, load
-from .loss import causal_lm_loss
-from .precision import Precision, precision_of
-from .train import RunResult, StepResult, TrainStep, train
-from .trl_guard import PrecisionCallback, guard
+import importlib as _importlib
+import importlib.util as _importlib_util
+import sys as _sys
+import types as _types
 
 __version__ = "0.1.0"
 
@@ -37,9 +27,54 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    if name == "SFTTrainer":  # imports TRL on first use only
-        from . import trl_guard
+# Each public name -> the module that defines it, imported when the name is first used: `import qlorakit` imports no
+# torch, transformers, PEFT, bitsandbytes, TRL or datasets, so what needs none of them (`qlorakit --help`, a script
+# that reads an adapter's files) starts at once.
+_HOMES = {
+    "DEFAULT_MODEL": "choices", "QUANT_KINDS": "choices",
+    "ConfigError": "errors", "DataError": "errors", "PrecisionError": "errors", "QLoraKitError": "errors",
+    "SourceError": "errors", "TrainingError": "errors", "UpstreamError": "errors",
+    "TrainConfig": "config",
+    "load": "load",
+    "load_data": "data",
+    "Precision": "precision", "precision_of": "precision",
+    "add_lora": "adapters", "load_adapter": "adapters",
+    "FastPathReport": "fast_path", "fast_path_report": "fast_path",
+    "causal_lm_loss": "loss",
+    "RunResult": "train", "StepResult": "train", "TrainStep": "train", "train": "train",
+    "eval_loss": "evaluate", "exact_match": "evaluate",
+    "generate": "generation",
+    "export_gguf": "export", "merge": "export", "quantize": "export", "save_quantized": "export",
+    "PrecisionCallback": "trl_guard", "SFTTrainer": "trl_guard", "guard": "trl_guard",
+}
 
-        return trl_guard.SFTTrainer
-    raise AttributeError(f"module 'qlorakit' has no attribute {name!r}")
+
+def __getattr__(name):
+    home = _HOMES.get(name)
+    if home is not None:
+        value = getattr(_importlib.import_module(f".{home}", __name__), name)
+    elif not name.startswith("_") and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+        value = _importlib.import_module(f".{name}", __name__)  # a submodule, as `qlorakit.adapters.X` always was
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # found without this function from now on
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(_types.ModuleType):
+    """qlorakit's module type, for one rule: `qlorakit.load` and `qlorakit.train` are the functions, though
+    qlorakit/load.py and qlorakit/train.py are modules of the same names. Python sets a package's attribute to each
+    submodule it imports (here whenever any code imports qlorakit.load), which would hide the function that an
+    eager `from .load import load` used to rebind after it."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, _types.ModuleType) and _HOMES.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

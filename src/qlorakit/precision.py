@@ -20,25 +20,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
+# The dtype names (declared in choices.py, torch-free, for the command line's parser) are re-exported here.
+from .choices import COMPUTE_CHOICES, DEFAULT_SAVED_DTYPE, DTYPE_NAMES, DTYPE_SPELLINGS, is_dtype_name  # noqa: F401
 from .errors import PrecisionError
 from .upstream import bitsandbytes as bnb
 
-# The dtype names qlorakit accepts and writes: the one table (config, CLI, merge and qlorakit.json all use it).
-DTYPE_NAMES = ("fp32", "bf16", "fp16")  # what qlorakit computes in, stores and saves
-COMPUTE_CHOICES = ("auto", *DTYPE_NAMES)  # a compute-dtype request
-_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def is_dtype_name(value, allow_auto: bool = False) -> bool:
-    """Whether `value` is a dtype name parse_dtype takes (fp32 / float32 / ...), or 'auto' when allowed."""
-    if not isinstance(value, str):
-        return False
-    return value.lower() in _NAMES or (allow_auto and value.lower() == "auto")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # DTYPE_NAMES -> torch
+_SHORT = {dtype: name for name, dtype in _DTYPES.items()}
+_NAMES = {spelling: _DTYPES[name] for spelling, name in DTYPE_SPELLINGS.items()}  # every spelling -> torch
 
 
 def torch_config_name(dtype: torch.dtype) -> str:
@@ -88,9 +77,8 @@ def dequantized_to(quant: str, compute: torch.dtype) -> torch.dtype:
 
 # The loss (log-softmax over the vocabulary) is always computed in fp32 (DESIGN.md).
 LOSS_DTYPE = torch.float32
-# A merged model is saved in bf16 unless asked otherwise: half the bytes of fp32 with fp32's range (fp16's would
-# overflow on some models' activations when the merged model is run in fp16).
-DEFAULT_SAVED_DTYPE = "bf16"
+# So is every softmax over the vocabulary that chooses a token (sampling, its warpers, greedy's argmax).
+LOGITS_DTYPE = LOSS_DTYPE
 # Exports work in fp32: a merge adds the LoRA delta s·B·A to the dequantized base in fp32 and rounds once to the
 # saved dtype, and a GGUF file is encoded from fp32 tensors, so no intermediate rounding precedes the one the user
 # asked for. A GGUF source is converted to fp32 safetensors for the same reason: qlorakit then quantizes it its way.
@@ -128,6 +116,14 @@ def attention_kernel_dtype(compute: torch.dtype) -> torch.dtype:
     in bf16, 88 ms in fp32 per layer), and fp32 puts the key/value gradients 3-5x closer to fp64 (they sum over the
     query heads that share them). Its inputs and outputs stay in the compute dtype."""
     return compute if _cpu_has_amx_tiles() else torch.float32
+
+
+def kv_cache_dtype(compute: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype generation keeps keys and values in (generation/decoder.py). On a CPU, the attention kernel's
+    (above): a decode step's attention over the cache then runs in fp32 without converting the cache each step, as
+    torch's flash kernel computes half-precision attention in fp32 internally; the cache holds the compute-dtype
+    keys and values exactly. On a GPU, the compute dtype: memory is what limits the batch there."""
+    return attention_kernel_dtype(compute) if device_type == "cpu" else compute
 
 
 def _matmul_seconds(dtype: torch.dtype, repeats: int = 5) -> float:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..choices import FORMATS  # re-exported: its home is torch-free, for TrainConfig and the CLI's parser
 from ..errors import DataError
 from .files import Row
 
-FORMATS = ("chat", "instruction", "prompt-completion", "text")
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

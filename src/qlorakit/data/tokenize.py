@@ -27,12 +27,11 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..choices import ON_LONG, TRAIN_ON  # re-exported: their home is torch-free, for TrainConfig and the CLI
 from ..errors import ConfigError, DataError
 from .formats import Example
 
 IGNORE_INDEX = -100
-TRAIN_ON = ("assistant", "all")
-ON_LONG = ("truncate", "drop", "error")
 
 # ChatML, for tokenizers that come without a template.
 DEFAULT_CHAT_TEMPLATE = (

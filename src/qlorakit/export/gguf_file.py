@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..choices import GGUF_TYPES  # re-exported: its home is torch-free, for the CLI's parser
 from ..errors import ConfigError, SourceError
 from ..outputs import GGUF_KEY, check_output, staged_output, version
 from ..precision import EXPORT_DTYPE
 from .merge import resolve_adapter, save_tokenizer
 from .source import ModelTensors, check_base, merge_base, merged_tensors
 
-# The tensor types an export writes: name -> the gguf package's GGMLQuantizationType and LlamaFileType members.
-GGUF_TYPES = {"f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 # Hugging Face model_type -> GGUF architecture (llama.cpp converts Mistral checkpoints as llama).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # The pre-tokenizer llama.cpp must use, recognised from tokenizer.json's pre_tokenizer (llama.cpp hashes the

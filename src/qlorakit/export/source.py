@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..choices import BASES  # re-exported: its home is torch-free, for the CLI's parser
 from ..errors import ConfigError, SourceError, show
 from ..precision import DTYPE_NAMES, EXPORT_DTYPE, dequantized_to, frozen_dtype, quantized_from
 from ..upstream import bitsandbytes as bnb
@@ -97,9 +98,6 @@ class ModelTensors:
 
 
 # ---------------------------------------------------------------------------------------------- the base
-
-BASES = ("quantized", "original")
-
 
 class QuantizedBase:
     """A model directory's tensors as the training run held them, in fp32 like ModelTensors: every floating tensor

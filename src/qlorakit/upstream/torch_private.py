@@ -1,7 +1,7 @@
 """Private torch internals: the CPU flash-attention ops the packed attention calls directly (their public wrapper,
 scaled_dot_product_attention, does not return the log-sum-exp the backward needs), the global module-hook
 registries a fused block consults before computing several modules' outputs without calling them, and a tensor's
-version counter (the packed attention's mask cache)."""
+version counter (the packed attention's mask cache), and oneDNN's prepacked linear (generation's CPU matmuls)."""
 
 from __future__ import annotations
 
@@ -75,3 +75,36 @@ def is_compiled(module: torch.nn.Module) -> bool:
     if "_compiled_call_impl" not in vars(torch.nn.Module):
         raise changed(PACKAGE, "Module._compiled_call_impl", "model.compile() no longer sets it")
     return isinstance(module, OptimizedModule) or module.__dict__.get("_compiled_call_impl") is not None
+
+
+_PACKED_LINEAR = ("_reorder_linear_weight", "_linear_pointwise")
+
+
+def packed_linear(weight: torch.Tensor, rows: int):
+    """`x -> x @ weight.t()` through oneDNN with `weight` reordered once into its blocked layout (for about `rows`
+    rows of x), or — as a string — why not. On a CPU a bf16 product with a few rows (a decode step) is 1.7-2.8x
+    faster this way than torch.mm, which reorders the weight on every call; the values are the same (checked on a
+    probe here). Only bf16 on a CPU: oneDNN's fp16 path needs AVX-NE-CONVERT or AVX512-FP16, and fp32 takes MKL's
+    own kernels either way."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return "oneDNN's packed linear is used for bf16 on a CPU only"
+    try:
+        reorder, linear = (getattr(torch.ops.mkldnn, name) for name in _PACKED_LINEAR)
+    except (AttributeError, RuntimeError):
+        raise changed(PACKAGE, "torch.ops.mkldnn." + " / ".join(_PACKED_LINEAR), "the ops are gone") from None
+    try:
+        packed = reorder(weight, rows)
+    except RuntimeError as e:  # the CPU lacks what oneDNN needs for this dtype
+        return f"oneDNN cannot pack this weight here ({str(e).splitlines()[0]})"
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        return linear(x, packed, None, "none", [], "")
+
+    probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    try:
+        same = torch.allclose(product(probe).float(), (probe @ weight.t()).float(), rtol=1e-2, atol=1e-2)
+    except (RuntimeError, TypeError) as e:
+        raise changed(PACKAGE, "torch.ops.mkldnn._linear_pointwise's arguments", str(e).splitlines()[0]) from None
+    if not same:
+        raise changed(PACKAGE, "torch.ops.mkldnn._linear_pointwise", "it no longer computes x @ weight.t()")
+    return product

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import NamedTuple
 
 import torch
 
@@ -216,6 +217,85 @@ def declared_quantization(model) -> str:
     if settings.get("load_in_8bit"):
         return "int8"
     return str(settings.get("bnb_4bit_quant_type", "fp4")) if settings.get("load_in_4bit") else "none"
+
+
+# -- the decoder stack, as generation computes it ------------------------------------------------------------
+
+
+class DecoderLayout(NamedTuple):
+    """The modules of a Llama-shaped decoder (Llama, Mistral, SmolLM, Qwen2, Qwen3): an embedding, layers of
+    RMSNorm -> attention (q/k/v/o projections, rotary positions, optional per-head q/k RMSNorms) -> residual ->
+    RMSNorm -> gated MLP -> residual, a final RMSNorm, the model's rotary-embedding module and lm_head."""
+
+    embed: torch.nn.Module
+    layers: list  # (input_norm, attention, post_attention_norm, mlp) per layer
+    norm: torch.nn.Module
+    rotary: torch.nn.Module
+    head: torch.nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def decoder_layout(model, context: int) -> DecoderLayout | str:
+    """The layout of `model`'s decoder for sequences up to `context` tokens, or why generation cannot compute it
+    itself. What the layout does not say (the rotary convention, the residual wiring) is checked by comparing
+    logits with the model's own forward (generation/decoder.py)."""
+    base = _base(model)
+    config = getattr(base, "config", None)
+    inner = getattr(base, "model", None)
+    if config is None or inner is None:
+        return "the model has no decoder and config"
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(inner, name):
+            return f"the decoder has no {name}"
+    if not hasattr(base, "lm_head"):
+        return "the model has no lm_head"
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        return "the model soft-caps its logits"
+    if getattr(config, "logits_scaling", 1.0) not in (1, 1.0):
+        return "the model scales its logits"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and context > window:
+        return f"sliding-window attention ({window} tokens) over {context} tokens"
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        parts = [getattr(layer, n, None) for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")]
+        if any(p is None for p in parts):
+            return f"decoder layer {i} is not norm -> self_attn -> norm -> mlp"
+        attention = parts[1]
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+        missing = [n for n in names if not hasattr(attention, n)]
+        if missing:
+            return f"layer {i}'s attention has no {', '.join(missing)}"
+        if getattr(attention, "sliding_window", None) is not None and context > attention.sliding_window:
+            return f"layer {i} uses sliding-window attention"
+        for norm in (parts[0], parts[2], getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)):
+            if norm is not None and not is_rms_norm(norm):
+                return f"layer {i}'s {type(norm).__name__} is not an RMSNorm"
+        others = {n for n, _ in attention.named_children()} - {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm",
+                                                               "k_norm"}
+        if others:
+            return f"layer {i}'s attention has other submodules ({', '.join(sorted(others))})"
+        layers.append(tuple(parts))
+    if not layers or not isinstance(heads, int) or not isinstance(kv_heads, int):
+        return "the config does not give the number of attention heads"
+    if not is_rms_norm(inner.norm):
+        return "the final norm is not an RMSNorm"
+    return DecoderLayout(inner.embed_tokens, layers, inner.norm, inner.rotary_emb, base.lm_head, heads, kv_heads,
+                         int(layers[0][1].head_dim))
+
+
+def rotary_tables(rotary: torch.nn.Module, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """(cos, sin), each [length, head_dim] in `dtype`, for positions 0..length-1, from the model's own rotary
+    module (so its scaling — Llama 3, YaRN, ... — is the model's)."""
+    positions = torch.arange(length, device=device)[None]
+    try:
+        cos, sin = rotary(torch.zeros(1, dtype=dtype, device=device), positions)
+    except TypeError as e:
+        raise changed(PACKAGE, "the rotary embedding's forward(x, position_ids)", str(e)) from None
+    return cos[0].to(dtype), sin[0].to(dtype)
 
 
 # -- training and loading -------------------------------------------------------------------------------------
