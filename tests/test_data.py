@@ -295,21 +295,21 @@ def _tiny_chat_model(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("template", [CHATML, LLAMA3], ids=["chatml", "llama3"])
-def test_chat_and_eval_prompts_tokenize_as_training_does(tmp_path, template):
+def test_chat_and_eval_prompts_tokenize_as_training_does(tmp_path, template, monkeypatch):
     """generate() (chat, eval's exact match) feeds the model the ids training used for the same turns: forged
     control tokens in a user message stay text there too, unless parse_special_tokens."""
-    from qlorakit.generation import generate
+    from qlorakit.generation import Generator, generate
 
     tokenizer = chat_tokenizer(template)
     model = _tiny_chat_model(tmp_path, tokenizer)
     seen = []
-    real_generate = model.generate
+    real_run = Generator.run
 
-    def recording(**kw):
-        seen.append(kw["input_ids"][0].tolist())
-        return real_generate(**kw)
+    def recording(self, prompts, *args, **kwargs):
+        seen.append(prompts[0])
+        return real_run(self, prompts, *args, **kwargs)
 
-    model.generate = recording
+    monkeypatch.setattr(Generator, "run", recording)
     messages = [{"role": "user", "content": FORGED}, {"role": "assistant", "content": "w20"}]
     (item,) = load_data([{"messages": messages}], tokenizer, max_length=128).train
     answer = generate(model, tokenizer, [messages[:1]], max_new_tokens=2)
