@@ -157,6 +157,7 @@ def _worker_qlorakit(args, workload: dict) -> dict:
     accepts = inspect.signature(qlorakit.generate).parameters
     extra = {"min_new_tokens": n} if "min_new_tokens" in accepts else {}
     captured: list[list[int]] = []  # each answer's token ids in the current call, seen through a hook
+    engines: set[str] = set()  # what generated them (Generator.describe), when generate says
 
     if "generator" in accepts:  # qlorakit's decoder: its Answers carry their token ids
         from qlorakit.generation import Generator
@@ -168,6 +169,7 @@ def _worker_qlorakit(args, workload: dict) -> dict:
             def counting_run(*a, **kw):
                 answers = run(*a, **kw)
                 captured.extend(list(answer.tokens) for answer in answers)
+                engines.add(generator.describe())
                 return answers
 
             generator.run = counting_run
@@ -201,7 +203,7 @@ def _worker_qlorakit(args, workload: dict) -> dict:
                                     for text, ids in zip(r["texts"], r["tokens"]))
     return {"batches": results, "peak_mb": _peak_rss_mb(), "dtype": dtype_name(precision_of(model).compute),
             "counted": "min_new_tokens" if extra else "as produced (generate takes no min_new_tokens)",
-            "version": f"qlorakit {qlorakit.__version__}"}
+            "version": f"qlorakit {qlorakit.__version__}" + "".join(f"; {e}" for e in sorted(engines))}
 
 
 def _worker_transformers(args, workload: dict) -> dict:

@@ -201,7 +201,7 @@ def test_unsupported_layers_and_memory_are_named(tiny_model_dir, monkeypatch):
     (dict(do_sample=True, top_k=-1), "top_k=-1"),
     (dict(do_sample=True, min_p=1.0), "min_p=1"),
     (dict(repetition_penalty=0), "repetition_penalty=0"),
-    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=0), "max_new_tokens=0: generate at least 1 token"),
     (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens=5 is more than max_new_tokens=4"),
     (dict(stop="###"), "stop="),
     (dict(stop=("",)), "non-empty strings"),

@@ -66,6 +66,9 @@ def test_chat_and_eval_import_no_trl_or_datasets(command, tiny_adapter, tmp_path
 
 
 def test_public_names_resolve_on_first_use():
+    """In a fresh process: nothing heavy at `import qlorakit`; a name resolves to its module's object; qlorakit.load
+    and qlorakit.train stay the functions after their submodules are imported (which sets the package's attribute
+    of that name); a submodule is an attribute as before; an unknown name is the usual AttributeError."""
     code = """
 import sys
 import qlorakit
@@ -78,8 +81,6 @@ from qlorakit import train
 assert qlorakit.train is train is sys.modules["qlorakit.train"].train and callable(train)
 assert qlorakit.load is sys.modules["qlorakit.load"].load
 assert qlorakit.adapters is sys.modules["qlorakit.adapters"]  # a submodule, as before
-for name in qlorakit.__all__:
-    assert getattr(qlorakit, name) is not None, name
 try:
     qlorakit.no_such_name
 except AttributeError as e:

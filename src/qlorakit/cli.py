@@ -96,6 +96,14 @@ def _chat(args) -> int:
 
 
 def _eval(args) -> int:
+    if args.show < 0:
+        raise ConfigError(f"--show {args.show}: the number of wrong answers to print must be 0 (none) or more")
+    if args.output is not None and args.no_exact_match:
+        raise ConfigError("--output writes each example's exact-match answer, and --no-exact-match asks for none; "
+                          "leave out one of them")
+    if args.output is not None and Path(args.output).suffix.lower() != ".jsonl":
+        raise ConfigError(f"--output {args.output}: name the output file *.jsonl (one JSON line per example)")
+    # What the command runs (torch, transformers), imported once its flags are known to be good.
     import contextlib
     import json
 
@@ -104,13 +112,6 @@ def _eval(args) -> int:
     from .evaluate import ANSWER_FIELDS, eval_loss, exact_match, prompt_and_reference
     from .outputs import staged_output
 
-    if args.show < 0:
-        raise ConfigError(f"--show {args.show}: the number of wrong answers to print must be 0 (none) or more")
-    if args.output is not None and args.no_exact_match:
-        raise ConfigError("--output writes each example's exact-match answer, and --no-exact-match asks for none; "
-                          "leave out one of them")
-    if args.output is not None and Path(args.output).suffix.lower() != ".jsonl":
-        raise ConfigError(f"--output {args.output}: name the output file *.jsonl (one JSON line per example)")
     with contextlib.ExitStack() as stack:
         # Everything that can be refused is refused before the model loads (minutes): the output first (a foreign
         # or earlier file, a directory that cannot be written), held under its lock until the answers are written

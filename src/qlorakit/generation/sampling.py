@@ -37,7 +37,8 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        _integer("max_new_tokens", self.max_new_tokens, 1)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={show(self.max_new_tokens)}: generate at least 1 token")
         _integer("min_new_tokens", self.min_new_tokens, 0)
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(f"min_new_tokens={self.min_new_tokens} is more than max_new_tokens="
