@@ -19,7 +19,7 @@ import logging
 import torch
 
 from ..errors import ConfigError, show
-from ..precision import dtype_name, precision_of
+from ..precision import LOGITS_DTYPE, dtype_name, precision_of
 from .batching import Answer
 from .prompts import check_context, context_length, encode_prompts, stop_ids
 from .sampling import Sampling
@@ -142,9 +142,9 @@ def _checked(model, decoder, probe: list[int]):
     precision = precision_of(model)
     ids = torch.tensor([probe], device=decoder.device)
     with torch.no_grad(), precision.autocast():
-        own = model(input_ids=ids).logits[0, -1].float()
+        own = model(input_ids=ids).logits[0, -1].to(LOGITS_DTYPE)
     cache = decoder.new_cache(1, len(probe))
-    ours = decoder.prefill(cache, torch.zeros(1, dtype=torch.long, device=decoder.device), [probe])[0].float()
+    ours = decoder.prefill(cache, torch.zeros(1, dtype=torch.long, device=decoder.device), [probe])[0].to(LOGITS_DTYPE)
     error = float((ours - own).abs().max() / own.abs().max().clamp(min=1e-6))
     tolerance = PROBE_TOLERANCE[dtype_name(decoder.compute)]
     if not error <= tolerance:

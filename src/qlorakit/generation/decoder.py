@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import math
 
+from ..kernels.decoding import bias_column, rms_norm_no_grad, single_query_attention
 from ..kernels.lora import frozen_weight
-from ..precision import kv_cache_dtype
+from ..precision import kv_cache_dtype, packs_generation_weights
 from ..upstream import peft as upstream_peft
 from ..upstream import torch_private
 from ..upstream import transformers as upstream_transformers
@@ -80,12 +81,8 @@ class Projections:
                 scales[col:col + rank] = p.scale
                 weight[row:row + width, self.in_features + col:self.in_features + col + rank] = p.b
             if has_bias:  # base bias + s·b_B, summed before the one rounding
-                bias = torch.zeros(width, dtype=torch.float64, device=device)
-                if base.bias is not None:
-                    bias += base.bias.double()
-                if p is not None and p.b_bias is not None:
-                    bias += p.scale * p.b_bias.double()
-                weight[row:row + width, -1] = bias
+                weight[row:row + width, -1] = bias_column(width, base.bias, None if p is None else p.b_bias,
+                                                          0.0 if p is None else p.scale, weight)
             row += width
             col += rank
         del dense
@@ -99,8 +96,8 @@ class Projections:
                 a.mul_(scales[:, None])
             else:
                 self.scales = scales
-        self.lora_product = None if a is None else _product(a, self.rows)
-        self.product = _product(weight, self.rows)
+        self.lora_product = None if a is None else _product(a, self.rows, self.compute)
+        self.product = _product(weight, self.rows, self.compute)
         self.packed = getattr(self.product, "packed", False)
         self._versions = self._adapter_versions(parts)
 
@@ -127,9 +124,9 @@ class Projections:
         return self.product(x)
 
 
-def _product(weight: torch.Tensor, rows: int):
-    """x -> x @ weight.t(): oneDNN's packed product where it applies (bf16 on a CPU), else torch's."""
-    packed = torch_private.packed_linear(weight, rows)
+def _product(weight: torch.Tensor, rows: int, compute: torch.dtype):
+    """x -> x @ weight.t(): oneDNN's packed product where the policy packs (bf16 on a CPU), else torch's."""
+    packed = torch_private.packed_linear(weight, rows) if packs_generation_weights(compute) else "not packed"
     if isinstance(packed, str):
         transposed = weight.t()
 
@@ -312,12 +309,7 @@ class Decoder:
             if self.cache_dtype == self.compute:  # a GPU: its fused attention kernels
                 return F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=mask,
                                                       scale=scale, enable_gqa=groups > 1)
-            # One query per row: the query heads that share a key head are that head's rows of one product, in
-            # fp32 as torch's CPU flash kernel computes (and 3-6x faster than it for a single query).
-            q = q.reshape(batch, self.kv_heads, groups, self.head_dim).to(self.cache_dtype)
-            scores = (q @ keys[:, :, :span].transpose(-1, -2)) * scale + mask
-            out = torch.softmax(scores, dim=-1) @ values[:, :, :span]
-            return out.reshape(batch, self.heads, 1, self.head_dim).to(self.compute)
+            return single_query_attention(q, keys[:, :, :span], values[:, :, :span], mask, scale)
 
         h = self._layers(F.embedding(tokens[:, None], self.embed), cos, sin, attend)
         return self._logits(h[:, 0])
@@ -328,6 +320,4 @@ def _norm(module) -> tuple[torch.Tensor, float]:
 
 
 def _apply_norm(norm: tuple[torch.Tensor, float], x: torch.Tensor) -> torch.Tensor:
-    """The Llama RMSNorm (kernels.normalize): normalized in fp32, rounded to x's dtype, times the weight."""
-    weight, eps = norm
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return rms_norm_no_grad(x, norm[0], norm[1])
