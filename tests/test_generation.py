@@ -317,3 +317,46 @@ def test_streamed_chat_prompt_and_transformers_path_agree(nf4_fp32, monkeypatch)
         i, pieces.get(i, "") + p), **settings)
     assert theirs == ours
     assert [pieces.get(i, "") for i in range(4)] == theirs
+
+
+# -- qlorakit chat -------------------------------------------------------------------------------------------------
+
+
+def _chat(model_dir, *flags):
+    from qlorakit.cli import main
+
+    return main(["chat", "--model", str(model_dir), "--quant", "nf4", "--dtype", "fp32", "--device", "cpu",
+                 "--prompt", "w10 w11 w12", "--max-new-tokens", "8", *flags])
+
+
+def test_chat_streams_the_answer_and_samples_with_a_seed(tiny_model_dir, capsys):
+    """`qlorakit chat --prompt` prints what generate() answers (streamed: the same text); --temperature with
+    --seed gives the same answer twice and another one with another seed."""
+    assert _chat(tiny_model_dir) == 0
+    streamed = capsys.readouterr().out
+    assert _chat(tiny_model_dir, "--no-stream") == 0
+    assert capsys.readouterr().out == streamed and len(streamed.split()) == 8
+    sampled = []
+    for seed in ("1", "1", "2"):
+        assert _chat(tiny_model_dir, "--temperature", "2.0", "--top-p", "0.95", "--seed", seed) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] != sampled[2]
+    word = streamed.split()[3]
+    assert _chat(tiny_model_dir, "--stop", word) == 0
+    assert capsys.readouterr().out == streamed[:streamed.index(word)] + "\n"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--top-p", "0.9"], "--top-p shape(s) sampling, and answers are greedy without --temperature above 0"),
+    (["--temperature", "0.7", "--top-p", "1.5"], "top_p=1.5: use a number > 0.0 and <= 1.0"),
+    (["--temperature", "-1"], "--temperature -1.0: use 0 (greedy) or a positive temperature"),
+    (["--temperature", "nan"], "--temperature nan: use 0 (greedy)"),
+    (["--repetition-penalty", "0"], "repetition_penalty=0"),
+])
+def test_chat_sampling_flags_are_checked_before_the_model_loads(flags, message, capsys, monkeypatch):
+    """A bad knob is an error naming it, before the model loads (the model source does not even exist here)."""
+    from qlorakit.cli import main
+
+    code = main(["chat", "--model", "/nonexistent/model", "--prompt", "hi", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "does not exist" not in err

@@ -60,18 +60,56 @@ def _load_with_adapter(args):
     return model, tokenizer
 
 
-def _chat(args) -> int:
-    from .generation import generate
+def _sampling_settings(args) -> dict:
+    """generate()'s sampling keywords from the chat flags: --temperature above 0 samples, 0 (the default) is greedy,
+    and the other knobs need sampling. Checked (Sampling) before the model loads."""
+    from .generation import Sampling
 
+    if args.temperature is not None and not args.temperature >= 0:  # nan fails this too
+        raise ConfigError(f"--temperature {args.temperature}: use 0 (greedy) or a positive temperature (typical: 0.6 "
+                          "to 1.0)")
+    sampling = bool(args.temperature)
+    knobs = {"--top-k": args.top_k, "--top-p": args.top_p, "--min-p": args.min_p}
+    given = [flag for flag, value in knobs.items() if value is not None]
+    if given and not sampling:
+        raise ConfigError(f"{', '.join(given)} shape(s) sampling, and answers are greedy without --temperature "
+                          "above 0; add --temperature (e.g. 0.7)")
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling, stop=tuple(args.stop or ()),
+                    repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
+                    seed=args.seed)
+    if sampling:
+        settings |= dict(temperature=args.temperature, top_k=args.top_k or 0,
+                         top_p=1.0 if args.top_p is None else args.top_p,
+                         min_p=0.0 if args.min_p is None else args.min_p)
+    Sampling(**settings)  # every value checked now, not after the model loads
+    return settings
+
+
+def _chat(args) -> int:
+    from .generation import Generator, generate
+
+    settings = _sampling_settings(args)
     model, tokenizer = _load_with_adapter(args)
+    generator = Generator(model, tokenizer, batch_size=1)  # the dense decoder is built once for the session
     history = [{"role": "system", "content": args.system}] if args.system else []
     special = args.parse_special_tokens
+
+    def answer(turns: list[dict], name: str, turn: int) -> str:
+        def show(_index, piece):
+            print(piece, end="", flush=True)
+
+        seed = None if settings["seed"] is None else settings["seed"] + turn
+        text = generate(model, tokenizer, [turns], parse_special_tokens=special, names=[name], generator=generator,
+                        on_text=None if args.no_stream else show, **(settings | {"seed": seed}))[0]
+        print("" if not args.no_stream else text, flush=True)
+        return text
+
     if args.prompt is not None:
-        print(generate(model, tokenizer, [history + [{"role": "user", "content": args.prompt}]],
-                       max_new_tokens=args.max_new_tokens, parse_special_tokens=special, names=["--prompt"])[0])
+        answer(history + [{"role": "user", "content": args.prompt}], "--prompt", 0)
         return 0
     print("chat with the model; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     turns = list(history)
+    turn = 0
     while True:
         try:
             text = input("you> ")
@@ -85,14 +123,20 @@ def _chat(args) -> int:
             continue
         if not text.strip():
             continue
+        asked = turns + [{"role": "user", "content": text}]
         try:
-            answer = generate(model, tokenizer, [turns + [{"role": "user", "content": text}]],
-                              max_new_tokens=args.max_new_tokens, parse_special_tokens=special, names=["chat"])[0]
-        except QLoraKitError as e:  # a conversation grown past the context: say so and keep the session
+            from .generation import check_context, encode_prompts
+
+            # A conversation grown past the context: say so (before printing "model> ") and keep the session.
+            check_context(model, [len(encode_prompts(tokenizer, [asked], special, ["chat"])[0])],
+                          args.max_new_tokens, ["chat"])
+        except QLoraKitError as e:
             print(f"qlorakit: {e}", file=sys.stderr)
             continue
-        turns += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-        print(f"model> {answer}")
+        print("model> ", end="", flush=True)
+        reply = answer(asked, "chat", turn)
+        turn += 1
+        turns = asked + [{"role": "assistant", "content": reply}]
 
 
 def _eval(args) -> int:
@@ -285,11 +329,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     chat = sub.add_parser("chat", help="chat with a base model and adapter (interactive, or one --prompt)",
-                          description="Greedy chat with a base model plus adapter, in the base's chat template.")
+                          description="Chat with a base model plus adapter, in the base's chat template: greedy, "
+                          "or sampled with --temperature above 0 (the knobs are transformers' generate's); the "
+                          "answer is printed as it is generated.")
     _add_model_flags(chat)
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.add_argument("--system", help="a system message to start the conversation with")
     chat.add_argument("--parse-special-tokens", action="store_true", help=PARSE_SPECIAL_HELP)
+    sampling = chat.add_argument_group("sampling")
+    sampling.add_argument("--temperature", type=float,
+                          help="sample at this temperature (e.g. 0.7); 0, the default, answers greedily")
+    sampling.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only (default: all)")
+    sampling.add_argument("--top-p", type=float, help="sample from the likeliest tokens whose probabilities sum to p "
+                                                       "(nucleus sampling; default 1: all)")
+    sampling.add_argument("--min-p", type=float, help="drop tokens less likely than min-p times the likeliest one "
+                                                       "(default 0: none)")
+    sampling.add_argument("--repetition-penalty", type=float,
+                          help="divide the logits of tokens already in the conversation by this (default 1: off; "
+                               "typical 1.1); greedy answers take it too")
+    sampling.add_argument("--stop", action="append", metavar="TEXT",
+                          help="end the answer where TEXT appears, leaving TEXT out (repeatable)")
+    sampling.add_argument("--seed", type=int, help="seed of the sampling (default: a different draw each run)")
+    chat.add_argument("--no-stream", action="store_true", help="print each answer when it is complete")
     chat.set_defaults(func=_chat)
 
     ev = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy of base model + adapter on data",
