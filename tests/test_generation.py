@@ -311,7 +311,7 @@ def test_streamed_chat_prompt_and_transformers_path_agree(nf4_fp32, monkeypatch)
     ours = generate(model, tokenizer, prompts, **settings)
     word = ours[0].split()[2]
     ours = generate(model, tokenizer, prompts, stop=[word], **settings)
-    monkeypatch.setattr(upstream_transformers, "decoder_layout", lambda model, context: "declined for the test")
+    monkeypatch.setattr(upstream_transformers, "decoder_layout", lambda model: "declined for the test")
     pieces: dict[int, str] = {}
     theirs = generate(model, tokenizer, prompts, stop=[word], on_text=lambda i, p: pieces.__setitem__(
         i, pieces.get(i, "") + p), **settings)
@@ -360,3 +360,29 @@ def test_chat_sampling_flags_are_checked_before_the_model_loads(flags, message, 
     code = main(["chat", "--model", "/nonexistent/model", "--prompt", "hi", *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "does not exist" not in err
+
+
+def test_sliding_window_models_within_and_past_their_window(tmp_path, caplog):
+    """A Mistral-style model with a 12-token sliding window: prompts that stay within it are the decoder's (full
+    attention is the same attention there); a call that would pass it is transformers' generate, with a warning."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, sliding_window=12,
+                           initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    tiny_tokenizer().save_pretrained(tmp_path / "mistral")
+    model, tokenizer = _adapted(tmp_path / "mistral")
+    generator = Generator(model, tokenizer)
+    short = encode_prompts(tokenizer, ["w5 w6 w7", "w9"])
+    answers = generator.run(short, Sampling(max_new_tokens=6))
+    assert generator.decoder is not None and generator.decoder.window == 12
+    assert [a.tokens for a in answers] == [r.tokens for r in _reference(model, tokenizer, ["w5 w6 w7", "w9"],
+                                                                        Sampling(max_new_tokens=6))]
+    long = ["w5 w6 w7 w8 w9 w10 w11 w12"]
+    with caplog.at_level(logging.WARNING, logger="qlorakit"):
+        answers = generator.run(encode_prompts(tokenizer, long), Sampling(max_new_tokens=8))
+    assert any("12-token sliding attention window" in r.message for r in caplog.records)
+    assert [a.tokens for a in answers] == [r.tokens for r in _reference(model, tokenizer, long,
+                                                                        Sampling(max_new_tokens=8))]

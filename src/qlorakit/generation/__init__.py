@@ -93,28 +93,31 @@ class Generator:
     # -- the decoder ---------------------------------------------------------------------------------------------
 
     def _decoder(self, prompts, sampling):
-        context = context_length(self.model) or max(len(p) for p in prompts) + sampling.max_new_tokens
-        if self.decoder is not None:
-            if self.decoder.context >= context:
-                self.decoder.refresh()
-                return self.decoder
-            self.decoder = None
-        if self.why_not is None:
-            found = self._build(context, prompts[0])
+        length = max(len(p) for p in prompts) + sampling.max_new_tokens
+        if self.decoder is None and self.why_not is None:
+            found = self._build(prompts[0])
             if isinstance(found, str):
                 self.why_not = found
                 logger.warning("generation: transformers' generate, not qlorakit's decoder: %s", found)
             else:
                 self.decoder = found
                 logger.info("generation: %s", self.describe())
+        if self.decoder is None:
+            return None
+        if self.decoder.window is not None and length > self.decoder.window:
+            logger.warning("generation: transformers' generate for these prompts: %d tokens pass the model's "
+                           "%d-token sliding attention window, which qlorakit's decoder does not compute", length,
+                           self.decoder.window)
+            return None
+        self.decoder.refresh()
         return self.decoder
 
-    def _build(self, context: int, probe: list[int]):
+    def _build(self, probe: list[int]):
         from ..upstream.transformers import decoder_layout
         from .decoder import Decoder, Unsupported
 
         compute = precision_of(self.model).compute
-        layout = decoder_layout(self.model, context)
+        layout = decoder_layout(self.model)
         if isinstance(layout, str):
             return layout
         needed = _dense_bytes(self.model, compute)
@@ -124,7 +127,7 @@ class Generator:
             return (f"its dense {dtype_name(compute)} weights ({needed / 2**20:.0f} MiB) would not fit in the "
                     f"{free / 2**20:.0f} MiB of free memory")
         try:
-            decoder = Decoder(self.model, layout, compute, context, self.batch_size)
+            decoder = Decoder(self.model, layout, compute, self.batch_size)
         except Unsupported as e:
             return str(e)
         return _checked(self.model, decoder, probe[:PROBE_TOKENS])

@@ -173,8 +173,8 @@ class Decoder:
     """The decoder stack of a Llama-shaped model (upstream/transformers.decoder_layout) as dense tensors: prefill
     (a batch of right-padded prompts into cache slots) and decode (one token per slot) return next-token logits."""
 
-    def __init__(self, model, layout, compute: torch.dtype, context: int, rows: int):
-        self.model, self.compute, self.context = model, compute, context
+    def __init__(self, model, layout, compute: torch.dtype, rows: int):
+        self.model, self.compute, self.window, self.rotary = model, compute, layout.window, layout.rotary
         self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, layout.head_dim
         embed = layout.embed
         if _is_lora(embed) or type(embed) is not torch.nn.Embedding:
@@ -209,8 +209,8 @@ class Decoder:
         self.head = Projections([layout.head], ["lm_head"], compute, rows)
         self.vocab = self.head.widths[0]
         device = self.embed.device
-        self.cos, self.sin = upstream_transformers.rotary_tables(layout.rotary, context, compute, device)
         self.device = device
+        self.positions = 0
         self.cache_dtype = kv_cache_dtype(compute, device.type)
 
     @property
@@ -230,7 +230,19 @@ class Decoder:
             if not projection.current():
                 projection.build()
 
+    def ensure_positions(self, length: int) -> None:
+        """Rotary tables for positions 0..length-1 at least, from the model's own rotary module."""
+        if length <= self.positions:
+            return
+        length = max(length, 2 * self.positions)
+        self.cos, sin = upstream_transformers.rotary_tables(self.rotary, length, self.compute, self.device)
+        # rotate_half(x)·sin = [-x2, x1]·[s1, s2] = [x2, x1]·[-s1, s2]: the sign moves into the table (exactly).
+        half = sin.shape[-1] // 2
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.positions = length
+
     def new_cache(self, slots: int, length: int) -> KVCache:
+        self.ensure_positions(length)
         return KVCache(len(self.layers), slots, self.kv_heads, length, self.head_dim, self.cache_dtype, self.device)
 
     def cache_bytes(self, length: int) -> int:
@@ -239,10 +251,10 @@ class Decoder:
     # -- the forward ---------------------------------------------------------------------------------------------
 
     def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary positions on q and k heads together ([rows, tokens, heads, head_dim]), the Llama convention."""
+        """Rotary positions on q and k heads together ([rows, tokens, heads, head_dim]), the Llama convention
+        `x·cos + rotate_half(x)·sin` with rotate_half's sign in the `sin` table."""
         half = qk.shape[-1] // 2
-        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-        return qk * cos + rotated * sin
+        return qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
 
     def _layers(self, h: torch.Tensor, cos, sin, attend) -> torch.Tensor:
         rows, tokens, _ = h.shape

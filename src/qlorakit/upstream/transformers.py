@@ -235,11 +235,11 @@ class DecoderLayout(NamedTuple):
     heads: int
     kv_heads: int
     head_dim: int
+    window: int | None  # the shortest sliding attention window: full attention up to it is the same attention
 
 
-def decoder_layout(model, context: int) -> DecoderLayout | str:
-    """The layout of `model`'s decoder for sequences up to `context` tokens, or why generation cannot compute it
-    itself. What the layout does not say (the rotary convention, the residual wiring) is checked by comparing
+def decoder_layout(model) -> DecoderLayout | str:
+    """The layout of `model`'s decoder, or why generation cannot compute it itself. What the layout does not say (the rotary convention, the residual wiring) is checked by comparing
     logits with the model's own forward (generation/decoder.py)."""
     base = _base(model)
     config = getattr(base, "config", None)
@@ -255,9 +255,7 @@ def decoder_layout(model, context: int) -> DecoderLayout | str:
         return "the model soft-caps its logits"
     if getattr(config, "logits_scaling", 1.0) not in (1, 1.0):
         return "the model scales its logits"
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) and context > window:
-        return f"sliding-window attention ({window} tokens) over {context} tokens"
+    windows = [getattr(config, "sliding_window", None)] if getattr(config, "use_sliding_window", True) else []
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     layers = []
     for i, layer in enumerate(inner.layers):
@@ -269,8 +267,7 @@ def decoder_layout(model, context: int) -> DecoderLayout | str:
         missing = [n for n in names if not hasattr(attention, n)]
         if missing:
             return f"layer {i}'s attention has no {', '.join(missing)}"
-        if getattr(attention, "sliding_window", None) is not None and context > attention.sliding_window:
-            return f"layer {i} uses sliding-window attention"
+        windows.append(getattr(attention, "sliding_window", None))
         for norm in (parts[0], parts[2], getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)):
             if norm is not None and not is_rms_norm(norm):
                 return f"layer {i}'s {type(norm).__name__} is not an RMSNorm"
@@ -283,8 +280,9 @@ def decoder_layout(model, context: int) -> DecoderLayout | str:
         return "the config does not give the number of attention heads"
     if not is_rms_norm(inner.norm):
         return "the final norm is not an RMSNorm"
+    windows = [w for w in windows if isinstance(w, int)]
     return DecoderLayout(inner.embed_tokens, layers, inner.norm, inner.rotary_emb, base.lm_head, heads, kv_heads,
-                         int(layers[0][1].head_dim))
+                         int(layers[0][1].head_dim), min(windows) if windows else None)
 
 
 def rotary_tables(rotary: torch.nn.Module, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
