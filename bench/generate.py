@@ -162,18 +162,15 @@ def _worker_qlorakit(args, workload: dict) -> dict:
     if "generator" in accepts:  # qlorakit's decoder: its Answers carry their token ids
         from qlorakit.generation import Generator
 
-        def hook(batch):
-            generator = Generator(model, tokenizer, batch)  # what generate builds itself when given none
-            run = generator.run
-
-            def counting_run(*a, **kw):
-                answers = run(*a, **kw)
+        class CountingGenerator(Generator):  # a subclass, not a patched method: no cycle keeps a call's decoder
+            def run(self, *a, **kw):
+                answers = super().run(*a, **kw)
                 captured.extend(list(answer.tokens) for answer in answers)
-                engines.add(generator.describe())
+                engines.add(self.describe())
                 return answers
 
-            generator.run = counting_run
-            return {"generator": generator}
+        def hook(batch):  # a new one per call, as generate builds itself when given none
+            return {"generator": CountingGenerator(model, tokenizer, batch)}
     else:  # the generate of transformers' model.generate: capture its output rows
         inner = model.generate
 
@@ -411,6 +408,8 @@ def _report(args, workload: dict, results: dict) -> None:
         b = r["batches"]
         runs = "; ".join(f"batch {k}: " + ", ".join(f"{x:.1f}" for x in m["runs"]) for k, m in b.items())
         notes = [r["version"], f"tok/s per run: {runs}", f"tokens counted {r['counted']}"]
+        notes += [f"batch {k}: noisy, the fastest run is {max(m['runs']) / min(m['runs']):.1f}x the slowest (a busy "
+                  "machine?); rerun, or raise --repeats" for k, m in b.items() if max(m["runs"]) > 1.5 * min(m["runs"])]
         notes += [f"batch {k}: {m['short']} answers ended before {args.new_tokens} tokens (counted as produced)"
                   for k, m in b.items() if m["short"]]
         if reference and name != "qlorakit" and "1" in b:
