@@ -56,6 +56,7 @@ class Projections:
             found.append(parts)
         return found
 
+    @torch.no_grad()  # copies of the adapters, not part of their autograd graph
     def build(self) -> None:
         """Dequantize the frozen weights and copy the adapters in: the product's one weight, then packed."""
         parts = self._parts()
