@@ -305,6 +305,35 @@ def test_the_tensor_version_counter_and_compiled_module_class_gone_are_named(mon
         torch_private.is_compiled(torch.nn.Linear(2, 2))
 
 
+def test_onednn_packed_linear_renamed_or_changed_is_named(monkeypatch):
+    """Generation's packed CPU products: the ops renamed, or computing something else than x @ weightᵀ."""
+    from qlorakit.upstream import torch_private
+
+    weight = torch.randn(8, 16).bfloat16()
+    monkeypatch.setattr(torch_private, "_PACKED_LINEAR", ("_reorder_linear_weight", "_linear_pointwise_v2"))
+    torch_private._packed_linear_ops.cache_clear()
+    with pytest.raises(UpstreamError, match=_named("torch", "torch.ops.mkldnn._reorder_linear_weight")):
+        torch_private.packed_linear(weight, 4)
+    monkeypatch.undo()
+    torch_private._packed_linear_ops.cache_clear()
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Changed:  # the op, returning twice the product
+        _reorder_linear_weight = torch.ops.mkldnn._reorder_linear_weight
+
+        @staticmethod
+        def _linear_pointwise(*args):
+            return 2 * real(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Changed)
+    with pytest.raises(UpstreamError, match=_named("torch", "torch.ops.mkldnn._linear_pointwise")):
+        torch_private.packed_linear(weight, 4)
+    monkeypatch.undo()
+    torch_private._packed_linear_ops.cache_clear()
+    x = torch.randn(3, 16).bfloat16()
+    assert torch.allclose(torch_private.packed_linear(weight, 4)(x), x @ weight.t())
+
+
 # ---------------------------------------------------------------------------------------------- the report
 
 

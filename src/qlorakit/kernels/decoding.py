@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 
 def rms_norm_no_grad(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """normalize()'s Llama RMSNorm — normalized in fp32, rounded to x's dtype, times the weight — in torch's fused
-    norm (4 operations instead of 7)."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    """normalize()'s Llama RMSNorm — normalized in fp32, rounded to x's dtype, times the weight — as torch's fused
+    norm (which normalizes half-precision input in fp32) and one product: 2 operations instead of 7, the same bits
+    (tests/test_kernels_rmsnorm.py)."""
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
 def bias_column(width: int, base_bias: torch.Tensor | None, lora_bias: torch.Tensor | None, scale: float,

@@ -5,6 +5,8 @@ version counter (the packed attention's mask cache), and oneDNN's prepacked line
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import changed
@@ -83,13 +85,11 @@ _PACKED_LINEAR = ("_reorder_linear_weight", "_linear_pointwise")
 def packed_linear(weight: torch.Tensor, rows: int):
     """`x -> x @ weight.t()` through oneDNN with `weight` (on a CPU) reordered once into its blocked layout (for
     about `rows` rows of x), or — as a string — why not. A bf16 product with a few rows (a decode step) is 1.7-2.8x
-    faster this way than torch.mm, which reorders the weight on every call; the values are checked on a probe."""
+    faster this way than torch.mm, which reorders the weight on every call. What the ops compute is checked once
+    per dtype, on a probe."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return "oneDNN's packed linear is for a CPU with oneDNN"
-    try:
-        reorder, linear = (getattr(torch.ops.mkldnn, name) for name in _PACKED_LINEAR)
-    except (AttributeError, RuntimeError):
-        raise changed(PACKAGE, "torch.ops.mkldnn." + " / ".join(_PACKED_LINEAR), "the ops are gone") from None
+    reorder, linear = _packed_linear_ops(weight.dtype)
     try:
         packed = reorder(weight, rows)
     except RuntimeError as e:  # the CPU lacks what oneDNN needs for this dtype
@@ -98,11 +98,24 @@ def packed_linear(weight: torch.Tensor, rows: int):
     def product(x: torch.Tensor) -> torch.Tensor:
         return linear(x, packed, None, "none", [], "")
 
-    probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    return product
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_linear_ops(dtype: torch.dtype):
     try:
-        same = torch.allclose(product(probe), probe @ weight.t(), rtol=1e-2, atol=1e-2)
-    except (RuntimeError, TypeError) as e:
+        reorder, linear = (getattr(torch.ops.mkldnn, name) for name in _PACKED_LINEAR)
+    except (AttributeError, RuntimeError):
+        raise changed(PACKAGE, "torch.ops.mkldnn." + " / ".join(_PACKED_LINEAR), "the ops are gone") from None
+    generator = torch.Generator().manual_seed(0)
+    weight, probe = (torch.randn(shape, generator=generator).to(dtype) for shape in ((24, 40), (3, 40)))
+    try:
+        same = torch.allclose(linear(probe, reorder(weight, 3), None, "none", [], ""), probe @ weight.t(),
+                              rtol=1e-2, atol=1e-2)
+    except RuntimeError:
+        return reorder, linear  # oneDNN cannot pack this dtype on this CPU: packed_linear says so per weight
+    except TypeError as e:
         raise changed(PACKAGE, "torch.ops.mkldnn._linear_pointwise's arguments", str(e).splitlines()[0]) from None
     if not same:
         raise changed(PACKAGE, "torch.ops.mkldnn._linear_pointwise", "it no longer computes x @ weight.t()")
-    return product
+    return reorder, linear
