@@ -12,7 +12,9 @@ prompts (4 of the built-in demo task, 4 general questions of different lengths);
 batch 1 (each prompt alone) and batch 8 (all 8 at once, left-padded). Every side gets the same prompt token ids
 (qlorakit.generation.encode_prompts) and the same number of threads (--threads, default: the cores this process may
 use). Generators:
-  qlorakit      qlorakit.generate on the NF4 + double-quantized base with the adapter, compute dtype --dtype;
+  qlorakit      qlorakit.generate on the NF4 + double-quantized base with the adapter, compute dtype --dtype: once
+                as a plain call, which builds its decoder (the base dequantized once, packed) every time, and once
+                with a Generator kept between calls, as chat and rollouts use it (built in the warm-up call);
   transformers  AutoModelForCausalLM.generate on the same base unquantized, in the same compute dtype, no adapter;
   llama.cpp     llama-cpp-python on qlorakit's own GGUF export of the base with the adapter merged (f16 and q8_0),
                 greedy (argmax) decoding with one sequence per prompt; batch 8 decodes the 8 sequences together.
@@ -54,7 +56,9 @@ GENERAL_PROMPTS = [
 ]
 LLAMA_TYPES = ("f16", "q8_0")
 GENERATORS = ("qlorakit", "transformers", "llama.cpp")
-LABELS = {"qlorakit": "qlorakit (NF4 + adapter)", "transformers": "transformers (unquantized base)",
+LABELS = {"qlorakit": "qlorakit (NF4 + adapter), decoder built per call",
+          "qlorakit-kept": "qlorakit (NF4 + adapter), decoder kept (Generator)",
+          "transformers": "transformers (unquantized base)",
           **{f"llama.cpp-{t}": f"llama.cpp {t} (merged GGUF)" for t in LLAMA_TYPES}}
 # llama-cpp-python is an sdist: pip builds llama.cpp (gcc, g++, cmake); about 16 minutes on 2 busy cores.
 LLAMA_INSTALL = ("python -m venv /tmp/llama-venv && CMAKE_ARGS='-DGGML_NATIVE=ON -DGGML_BLAS=OFF' "
@@ -169,8 +173,12 @@ def _worker_qlorakit(args, workload: dict) -> dict:
                 engines.add(self.describe())
                 return answers
 
-        def hook(batch):  # a new one per call, as generate builds itself when given none
-            return {"generator": CountingGenerator(model, tokenizer, batch)}
+        kept: dict[int, Generator] = {}
+
+        def hook(batch):  # a new one per call, as generate builds itself when given none; or one kept per batch size
+            if not args.kept:
+                return {"generator": CountingGenerator(model, tokenizer, batch)}
+            return {"generator": kept.setdefault(batch, CountingGenerator(model, tokenizer, batch))}
     else:  # the generate of transformers' model.generate: capture its output rows
         inner = model.generate
 
@@ -340,6 +348,7 @@ def _parser():
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--gguf-types", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--kept", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -392,13 +401,16 @@ def _report(args, workload: dict, results: dict) -> None:
           f"tokens), greedy, {args.new_tokens} new tokens each, {args.threads} threads, CPU; median of "
           f"{args.repeats} run(s) after 1 warm-up\n")
     ours = results.get("qlorakit", {}).get("batches", {})
-    print("| generator | dtype | batch 1 tok/s | batch 8 tok/s | peak RSS MB | qlorakit speed-up, batch 1 | "
-          "qlorakit speed-up, batch 8 |")
+    kept = results.get("qlorakit-kept", {}).get("batches", {})
+    print("| generator | dtype | batch 1 tok/s | batch 8 tok/s | peak RSS MB | qlorakit speed-up, batch 1 (per call "
+          "/ kept) | qlorakit speed-up, batch 8 (per call / kept) |")
     print("|" + "---|" * 7)
     for name, r in results.items():
         b = r["batches"]
         cells = [f"{b[str(k)]['tokens_per_s']:.1f}" if str(k) in b else "—" for k in BATCHES]
-        speed = [_fmt_speedup(ours.get(str(k)), b.get(str(k))) for k in BATCHES]
+        speed = ["" if name.startswith("qlorakit") else
+                 f"{_fmt_speedup(ours.get(str(k)), b.get(str(k)))} / {_fmt_speedup(kept.get(str(k)), b.get(str(k)))}"
+                 for k in BATCHES]
         print(f"| {LABELS[name]} | {r['dtype']} | {cells[0]} | {cells[1]} | {r['peak_mb']:.0f} | {speed[0]} | "
               f"{speed[1]} |")
     print()
@@ -440,8 +452,9 @@ def main() -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
-                result = {"qlorakit": _worker_qlorakit, "transformers": _worker_transformers}[args.worker](
-                    args, workload)
+                args.kept = args.worker == "qlorakit-kept"
+                result = {"qlorakit": _worker_qlorakit, "qlorakit-kept": _worker_qlorakit,
+                          "transformers": _worker_transformers}[args.worker](args, workload)
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -462,6 +475,8 @@ def main() -> int:
                                                                     work)
             else:
                 results[name] = _run_worker(sys.executable, name, args, work)
+                if name == "qlorakit":
+                    results["qlorakit-kept"] = _run_worker(sys.executable, "qlorakit-kept", args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _report(args, workload, results)

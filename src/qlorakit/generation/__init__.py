@@ -147,7 +147,7 @@ def _checked(model, decoder, probe: list[int]):
     with torch.no_grad(), precision.autocast():
         own = model(input_ids=ids).logits[0, -1].to(LOGITS_DTYPE)
     cache = decoder.new_cache(1, len(probe))
-    ours = decoder.prefill(cache, torch.zeros(1, dtype=torch.long, device=decoder.device), [probe])[0].to(LOGITS_DTYPE)
+    ours = decoder.prefill(cache, [0], [probe])[0].to(LOGITS_DTYPE)
     error = float((ours - own).abs().max() / own.abs().max().clamp(min=1e-6))
     tolerance = PROBE_TOLERANCE[dtype_name(decoder.compute)]
     if not error <= tolerance:

@@ -83,7 +83,7 @@ def run(decoder, prompts: list[list[int]], sampling: Sampling, end_ids: list[int
         if waiting and free:
             group = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
             into = free[:len(group)]
-            logits = decoder.prefill(cache, torch.tensor(into, device=decoder.device), [prompts[i] for i in group])
+            logits = decoder.prefill(cache, into, [prompts[i] for i in group])
             for slot, index in zip(into, group):
                 running[slot] = _Running(index, len(prompts[index]), chooser.generator(index),
                                          AnswerText(tokenizer, sampling.stop) if needs_text else None)

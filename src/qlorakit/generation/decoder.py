@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import math
 
 from ..kernels.decoding import bias_column, rms_norm_no_grad, single_query_attention
+from ..kernels.attention import packed_causal_attention
 from ..kernels.lora import frozen_weight
 from ..precision import kv_cache_dtype, packs_generation_weights
 from ..upstream import peft as upstream_peft
@@ -282,26 +283,25 @@ class Decoder:
         return self.head(_apply_norm(self.norm, h))
 
     @torch.no_grad()
-    def prefill(self, cache: KVCache, slots: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
-        """Run right-padded `prompts` into cache `slots`; the logits after each prompt's last token [n, vocab]."""
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        width = int(lengths.max())
-        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, device=self.device)
-        cos, sin = self.cos[:width][None, :, None], self.sin[:width][None, :, None]
+    def prefill(self, cache: KVCache, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run `prompts` into cache `slots`; the logits after each prompt's last token [n, vocab]. The prompts are
+        laid end to end in one row, without padding, each attending to itself only (kernels.packed_causal_attention,
+        as training's packed batches): the products compute real tokens only."""
+        ends = torch.tensor([len(p) for p in prompts], device=self.device).cumsum(0)
+        segments = list(zip([0] + ends[:-1].tolist(), ends.tolist()))
+        ids = torch.tensor([token for p in prompts for token in p], device=self.device)[None]
+        positions = torch.cat([torch.arange(e - s, device=self.device) for s, e in segments])
+        cos, sin = self.cos[positions][None, :, None], self.sin[positions][None, :, None]
 
         def attend(index, q, k, v, scale):
-            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
-            cache.keys[index][slots, :, :width] = k
-            cache.values[index][slots, :, :width] = v
-            # Right padding: a prompt's tokens come before its pads, so causal attention never sees them.
-            return F.scaled_dot_product_attention(q.to(self.cache_dtype), k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=self.heads != self.kv_heads).to(self.compute)
+            stored_k, stored_v = k.to(self.cache_dtype), v.to(self.cache_dtype)
+            for slot, (start, end) in zip(slots, segments):
+                cache.keys[index][slot, :, :end - start] = stored_k[0, :, start:end]
+                cache.values[index][slot, :, :end - start] = stored_v[0, :, start:end]
+            return packed_causal_attention(q, k, v, segments, scale, self.cache_dtype).transpose(1, 2)
 
         h = self._layers(F.embedding(ids, self.embed), cos, sin, attend)
-        last = h[torch.arange(len(prompts), device=self.device), lengths - 1]
-        return self._logits(last)
+        return self._logits(h[0, ends - 1])
 
     @torch.no_grad()
     def decode(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
