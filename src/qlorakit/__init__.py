@@ -6,6 +6,8 @@
     model = qlorakit.add_lora(model, rank=16, alpha=32)
     step = qlorakit.TrainStep(model, lr=2e-4)
 
+    answers = qlorakit.generate(model, tokenizer, prompts, max_new_tokens=64)  # greedy; or do_sample=True, ...
+
     qlorakit.merge("out", "merged", dtype="bf16")                      # outputs: a transformers model directory,
     qlorakit.export_gguf("model.gguf", adapter="out", gguf_type="q8_0")  # a GGUF file,
     qlorakit.save_quantized(model, tokenizer, "base-nf4")              # the quantized base itself
@@ -19,8 +21,9 @@ import types as _types
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "DataError", "FastPathReport", "Precision", "PrecisionCallback", "PrecisionError",
-    "QLoraKitError", "RunResult", "SFTTrainer", "SourceError", "StepResult", "TrainConfig", "TrainStep",
+    "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "DataError", "FastPathReport", "Generator", "Precision",
+    "PrecisionCallback", "PrecisionError", "QLoraKitError", "RunResult", "SFTTrainer", "Sampling", "SourceError",
+    "StepResult", "TrainConfig", "TrainStep",
     "TrainingError", "UpstreamError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "export_gguf",
     "fast_path_report", "generate", "guard",
     "load", "load_adapter", "load_data", "merge", "precision_of", "quantize", "save_quantized", "train",
@@ -43,7 +46,7 @@ _HOMES = {
     "causal_lm_loss": "loss",
     "RunResult": "train", "StepResult": "train", "TrainStep": "train", "train": "train",
     "eval_loss": "evaluate", "exact_match": "evaluate",
-    "generate": "generation",
+    "Generator": "generation", "Sampling": "generation", "generate": "generation",
     "export_gguf": "export", "merge": "export", "quantize": "export", "save_quantized": "export",
     "PrecisionCallback": "trl_guard", "SFTTrainer": "trl_guard", "guard": "trl_guard",
 }
