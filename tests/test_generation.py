@@ -348,7 +348,7 @@ def test_chat_streams_the_answer_and_samples_with_a_seed(tiny_model_dir, capsys)
 
 @pytest.mark.parametrize("flags,message", [
     (["--top-p", "0.9"], "--top-p shape(s) sampling, and answers are greedy without --temperature above 0"),
-    (["--temperature", "0.7", "--top-p", "1.5"], "top_p=1.5: use a number > 0.0 and <= 1.0"),
+    (["--temperature", "0.7", "--top-p", "1.5"], "top_p=1.5 must be a finite number in (0, 1]"),
     (["--temperature", "-1"], "--temperature -1.0: use 0 (greedy) or a positive temperature"),
     (["--temperature", "nan"], "--temperature nan: use 0 (greedy)"),
     (["--repetition-penalty", "0"], "repetition_penalty=0"),

@@ -59,10 +59,6 @@ class Generator:
                     f"{d.nbytes / 2**20:.0f} MiB)")
         return f"transformers' generate ({self.why_not})" if self.why_not else "not built yet"
 
-    def release(self) -> None:
-        """Free the dense weights (the next call builds them again)."""
-        self.decoder, self.why_not = None, None
-
     def run(self, prompts: list[list[int]], sampling: Sampling, on_text=None,
             names: list[str] | None = None) -> list[Answer]:
         """Answers to prompts given as token ids. `on_text(index, piece)` receives each answer's text as it
@@ -127,7 +123,7 @@ class Generator:
             return (f"its dense {dtype_name(compute)} weights ({needed / 2**20:.0f} MiB) would not fit in the "
                     f"{free / 2**20:.0f} MiB of free memory")
         try:
-            decoder = Decoder(self.model, layout, compute, self.batch_size)
+            decoder = Decoder(layout, compute, self.batch_size)
         except Unsupported as e:
             return str(e)
         return _checked(self.model, decoder, probe[:PROBE_TOKENS])
@@ -158,9 +154,8 @@ def _checked(model, decoder, probe: list[int]):
 
 def _dense_bytes(model, compute: torch.dtype) -> int:
     """What the decoder's dense weights take: every linear layer's [out, in] in the compute dtype."""
-    size = torch.empty((), dtype=compute).element_size()
     return sum(m.in_features * m.out_features for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and hasattr(m, "in_features")) * size
+               if isinstance(m, torch.nn.Linear)) * compute.itemsize
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError, show
+from ..errors import ConfigError, check_number, show
 from ..precision import LOGITS_DTYPE
 
 
@@ -45,11 +45,11 @@ class Sampling:
                               f"{self.max_new_tokens}; lower it or raise max_new_tokens")
         if not isinstance(self.do_sample, bool):
             raise ConfigError(f"do_sample={show(self.do_sample)}: use True or False")
-        _number("temperature", self.temperature, 0.0, False, None, "typical: 0.6 to 1.0")
+        check_number("temperature", self.temperature, 0, hint="typical: 0.6 to 1.0")
         _integer("top_k", self.top_k, 0, "0 turns it off")
-        _number("top_p", self.top_p, 0.0, False, 1.0, "1.0 turns it off; typical: 0.9 to 0.95")
-        _number("min_p", self.min_p, 0.0, True, 1.0, "0 turns it off; typical: 0.05 to 0.1", high_open=True)
-        _number("repetition_penalty", self.repetition_penalty, 0.0, False, None, "1.0 turns it off; typical: 1.1")
+        check_number("top_p", self.top_p, 0, 1, hint="1.0 turns it off; typical: 0.9 to 0.95")
+        check_number("min_p", self.min_p, 0, 1, low_ok=True, high_ok=False, hint="0 turns it off; typical: 0.05 to 0.1")
+        check_number("repetition_penalty", self.repetition_penalty, 0, hint="1.0 turns it off; typical: 1.1")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop={show(self.stop)}: give a list of non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -82,16 +82,6 @@ class Sampling:
 def _integer(name, value, low, note=None):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name}={show(value)}: use a whole number >= {low}" + (f" ({note})" if note else ""))
-
-
-def _number(name, value, low, low_included, high, note, high_open=False):
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value >= low if low_included else value > low)
-          and (high is None or (value < high if high_open else value <= high)))
-    if not ok:
-        bounds = f"{'>=' if low_included else '>'} {low}" + (
-            "" if high is None else f" and {'<' if high_open else '<='} {high}")
-        raise ConfigError(f"{name}={show(value)}: use a number {bounds} ({note})")
 
 
 class TokenChooser:
