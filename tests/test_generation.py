@@ -6,6 +6,7 @@ warning; the sampling knobs are transformers' (same scores), seeded per prompt; 
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -386,3 +387,21 @@ def test_sliding_window_models_within_and_past_their_window(tmp_path, caplog):
     assert any("12-token sliding attention window" in r.message for r in caplog.records)
     assert [a.tokens for a in answers] == [r.tokens for r in _reference(model, tokenizer, long,
                                                                         Sampling(max_new_tokens=8))]
+
+
+@pytest.mark.parametrize("prompts,message", [
+    ("w5 w6", "prompts: a str, not a list of prompts; pass a list (one prompt: [prompt])"),
+    ([5], "prompt 1: a prompt is a string or a non-empty list of messages"),
+    (["w5", []], "prompt 2: a prompt is a string or a non-empty list of messages ({'role': ..., 'content': ...}), "
+                 "not []"),
+    ([[{"role": "user"}]], "prompt 1: messages[0]: missing field 'content'"),
+    ([[{"role": "robot", "content": "w5"}]], "prompt 1: messages[0]: unknown role 'robot'"),
+])
+def test_prompts_that_are_not_prompts_are_named(nf4_fp32, prompts, message):
+    """A string is not read as one prompt per character, and a malformed conversation is named the way a data
+    file's is — not a tokenizer's or a chat template's traceback."""
+    from qlorakit.errors import QLoraKitError
+
+    model, tokenizer = nf4_fp32
+    with pytest.raises(QLoraKitError, match="^" + re.escape(message)):
+        generate(model, tokenizer, prompts, max_new_tokens=2)

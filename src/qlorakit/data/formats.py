@@ -111,6 +111,12 @@ def _messages(row: Row, name: str, turns: list) -> list[dict]:
     return out
 
 
+def check_messages(messages: list, where: str) -> list[dict]:
+    """A conversation given in code (a generation prompt), checked as a data file's `messages` field is: each turn
+    an object with a known role and string content; DataError naming `where` and the turn."""
+    return _messages(Row({"messages": messages}, where), "messages", messages)
+
+
 def _chat(row: Row) -> Example:
     name = "messages" if "messages" in row.fields else "conversations"
     messages = _messages(row, name, _field(row, name, list))

@@ -4,7 +4,8 @@ tokens that end an answer."""
 from __future__ import annotations
 
 from ..data import encode_chat, encode_text, special_token_pattern
-from ..errors import ConfigError
+from ..data.formats import check_messages
+from ..errors import ConfigError, show
 
 
 def context_length(model) -> int | None:
@@ -18,12 +19,24 @@ def encode_prompts(tokenizer, prompts: list, parse_special_tokens: bool = False,
     """Token ids of generation prompts, exactly as training tokenizes them: a chat prompt (a list of messages) in
     the chat template with the generation prompt appended (data.encode_chat), plain text with the tokenizer's
     BOS (data.encode_text)."""
+    if not isinstance(prompts, (list, tuple)):  # a string would be read as one prompt per character
+        raise ConfigError(f"prompts: a {type(prompts).__name__}, not a list of prompts; pass a list (one prompt: "
+                          "[prompt])")
     specials = None if parse_special_tokens else special_token_pattern(tokenizer)
     names = names or [f"prompt {i + 1}" for i in range(len(prompts))]
     if len(names) != len(prompts):  # zip would silently drop the prompts past the shorter list
         raise ConfigError(f"names: {len(names)} names for {len(prompts)} prompts; give one name per prompt (or none)")
-    return [encode_chat(tokenizer, p, True, parse_special_tokens, name, specials)[1] if isinstance(p, list)
-            else encode_text(tokenizer, p)[0] for p, name in zip(prompts, names, strict=True)]
+    encoded = []
+    for prompt, name in zip(prompts, names, strict=True):
+        if isinstance(prompt, str):
+            encoded.append(encode_text(tokenizer, prompt)[0])
+        elif isinstance(prompt, list) and prompt:
+            messages = check_messages(prompt, name)
+            encoded.append(encode_chat(tokenizer, messages, True, parse_special_tokens, name, specials)[1])
+        else:
+            raise ConfigError(f"{name}: a prompt is a string or a non-empty list of messages ({{'role': ..., "
+                              f"'content': ...}}), not {show(prompt) if isinstance(prompt, list) else type(prompt).__name__}")
+    return encoded
 
 
 def check_context(model, lengths: list[int], max_new_tokens: int, names: list[str] | None = None) -> None:
@@ -48,6 +61,7 @@ def check_context(model, lengths: list[int], max_new_tokens: int, names: list[st
 
 
 def stop_ids(tokenizer) -> list[int]:
+    """The token ids that end an answer: EOS and the end-of-turn tokens of the common chat templates."""
     ids = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
