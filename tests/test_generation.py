@@ -405,3 +405,10 @@ def test_prompts_that_are_not_prompts_are_named(nf4_fp32, prompts, message):
     model, tokenizer = nf4_fp32
     with pytest.raises(QLoraKitError, match="^" + re.escape(message)):
         generate(model, tokenizer, prompts, max_new_tokens=2)
+
+
+def test_token_ids_outside_the_vocabulary_are_named(nf4_fp32):
+    model, tokenizer = nf4_fp32
+    for ids, shown in (([5, 256], "256"), ([5, -1], "-1"), ([5, 2.0], "2.0")):
+        with pytest.raises(ConfigError, match=rf"^prompt 1: token id {re.escape(shown)} is not one of the model's 256"):
+            Generator(model, tokenizer).run([ids], Sampling(max_new_tokens=2))

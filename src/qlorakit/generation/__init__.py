@@ -65,10 +65,15 @@ class Generator:
         becomes final (for streaming)."""
         if not prompts:
             return []
+        vocab = self.model.get_input_embeddings().num_embeddings
         for i, ids in enumerate(prompts):
+            name = names[i] if names else f"prompt {i + 1}"
             if not ids:  # an empty plain-text prompt of a tokenizer without BOS: the model has nothing to go on
-                raise ConfigError(f"{names[i] if names else f'prompt {i + 1}'}: the prompt is empty (0 tokens); "
-                                  "give the model something to answer")
+                raise ConfigError(f"{name}: the prompt is empty (0 tokens); give the model something to answer")
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ConfigError(f"{name}: token id {show(bad)} is not one of the model's {vocab} token ids "
+                                  f"(0 to {vocab - 1}); give token ids from this model's tokenizer")
         check_context(self.model, [len(ids) for ids in prompts], sampling.max_new_tokens, names)
         was_training = self.model.training
         self.model.eval()
