@@ -130,6 +130,10 @@ def _other_value(f):
         value = next(c for c in reversed(choices) if c != f.default)
     elif isinstance(f.default, bool):
         return not f.default, [flag if not f.default else "--no-" + flag[2:]]
+    elif f.metadata["repeatable"]:  # --field a=b --field c=d
+        return ["messages=conversations", "prompt=question"], [flag, "messages=conversations", flag, "prompt=question"]
+    elif f.name == "report_to":  # names from choices.TRACKERS, comma-separated
+        value = "tensorboard,mlflow"
     elif "int" in str(f.type):
         value = (f.default or 0) + 3
     elif "float" in str(f.type):

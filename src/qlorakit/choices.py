@@ -36,6 +36,7 @@ def is_dtype_name(value, allow_auto: bool = False) -> bool:
 # ---------------------------------------------------------------------------------------------- data (data/)
 
 FORMATS = ("chat", "instruction", "prompt-completion", "text")
+
 TRAIN_ON = ("assistant", "all")
 ON_LONG = ("truncate", "drop", "error")
 
@@ -45,3 +46,8 @@ ON_LONG = ("truncate", "drop", "error")
 GGUF_TYPES = {"f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 # What merge and GGUF export add an adapter's delta to (export.source.merge_base).
 BASES = ("quantized", "original")
+
+# ---------------------------------------------------------------------------------------------- trackers (trackers.py)
+
+# Where `--report-to` sends the metrics besides metrics.jsonl; each is an optional extra (pip install qlorakit[NAME]).
+TRACKERS = ("tensorboard", "wandb", "mlflow")

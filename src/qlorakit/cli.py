@@ -295,6 +295,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         kinds = value_kinds(f)
         if "bool" in kinds:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif f.metadata["repeatable"]:
+            group.add_argument(flag, action="append", metavar=f.name.upper(), help=text)
         else:
             kind = int if "int" in kinds else float if "float" in kinds else str
             group.add_argument(flag, type=kind, choices=f.metadata["choices"], help=text)

@@ -13,7 +13,9 @@ import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .choices import COMPUTE_CHOICES, DEFAULT_MODEL, FORMATS, ON_LONG, QUANT_KINDS, TRAIN_ON, is_dtype_name
+from .choices import (
+    COMPUTE_CHOICES, DEFAULT_MODEL, FORMATS, ON_LONG, QUANT_KINDS, TRACKERS, TRAIN_ON, is_dtype_name,
+)
 from .errors import ConfigError, check_number, show
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -39,12 +41,13 @@ PARSE_SPECIAL_HELP = ("read special-token strings such as <|im_end|> inside mess
 
 
 def option(default, help: str, *, choices: tuple[str, ...] | None = None, default_note: str | None = None,
-           heading: str | None = None):
+           heading: str | None = None, repeatable: bool = False):
     """One TrainConfig setting. `help` says what it does (`qlorakit train --help` adds "(default ...)" from
     `default`, and `default_note` after it: what the default means); `choices` are the values it takes (the flag's
-    choices and validate()'s check); `heading` starts a group of flags in the help, which runs to the next one."""
+    choices and validate()'s check); `heading` starts a group of flags in the help, which runs to the next one;
+    `repeatable`: the flag may be given several times, each adding one value to a list."""
     return field(default=default, metadata={"help": help, "choices": choices, "default_note": default_note,
-                                            "heading": heading})
+                                            "heading": heading, "repeatable": repeatable})
 
 
 def value_kinds(f: dataclasses.Field) -> set[str]:
@@ -54,8 +57,8 @@ def value_kinds(f: dataclasses.Field) -> set[str]:
 
 @dataclass
 class TrainConfig:
-    model: str = option(DEFAULT_MODEL, "HF model directory, .gguf file, or the default model's name",
-                        heading="model")
+    model: str = option(DEFAULT_MODEL, "HF model directory, .gguf file, Hub id (org/name or org/name@revision; a "
+                        "local path of that name wins), or the default model's name", heading="model")
     quant: str = option("nf4", "base weight quantization", choices=QUANT_KINDS)
     double_quant: bool = option(True, "4-bit double quantization")
     dtype: str = option("auto", "compute dtype; `qlorakit precision` shows what it resolves to here",
@@ -63,8 +66,17 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = option(False, "run code shipped in the model directory")
 
-    data: str | None = option(None, "training data: .jsonl, .json, .csv, .parquet, or a saved datasets directory "
-                              "(none: the built-in demo task)", heading="data")
+    data: str | None = option(None, "training data: .jsonl, .json, .csv, .parquet, a datasets directory, or a Hub "
+                              "dataset id (org/name or org/name@revision) (none: the built-in demo task)",
+                              heading="data")
+    data_config: str | None = option(None, "the dataset's configuration (subset) name, for datasets that have several")
+    split: str = option("train", "the dataset split trained on")
+    validation_split: str | None = option(None, "a split of the same dataset used as validation data, e.g. "
+                                          "validation or test")
+    streaming: bool = option(False, "read the dataset as a stream, for datasets too large for memory")
+    field: list | None = option(None, "TARGET=COLUMN: read the format's field TARGET from the data's column COLUMN, "
+                                "e.g. messages=conversations or prompt=question; repeat for several",
+                                repeatable=True)
     format: str = option("auto", "data format", choices=("auto", *FORMATS), default_note="detected from the fields")
     train_on: str = option("assistant", "assistant: train on the assistant/completion tokens only; all: on "
                            "every token", choices=TRAIN_ON)
@@ -107,6 +119,8 @@ class TrainConfig:
     keep_last: int = option(2, "checkpoints kept")
     resume: bool = option(False, "continue from the newest checkpoint in --output")
     log_every: int = option(1, "metrics.jsonl line every N steps")
+    report_to: str = option("none", "where metrics also go: none, or comma-separated " + ", ".join(TRACKERS)
+                            + " (each an extra: pip install qlorakit[NAME])")
 
     @classmethod
     def build(cls, yaml_path: str | Path | None = None, **overrides) -> "TrainConfig":
@@ -211,6 +225,15 @@ class TrainConfig:
         if self.validation and self.validation_data is not None:
             bad("validation", f"and validation_data={show(self.validation_data)} are both given; hold out a "
                 "fraction of the training data or use a separate file, not both")
+        if self.validation_split is not None and (self.validation or self.validation_data is not None):
+            other = "validation" if self.validation else "validation_data"
+            bad("validation_split", f"and {other}={show(getattr(self, other))} are both given; use one source of "
+                "validation data")
+        try:
+            self.field_map()
+            self.trackers()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         if self.max_length < 2:
             bad("max_length", "must be at least 2 tokens")
         if not 0 <= self.seed <= MAX_SEED:
@@ -224,6 +247,51 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def field_map(self) -> dict[str, str]:
+        """`field` as {TARGET: COLUMN}: from TARGET=COLUMN strings (flags, or a YAML list or string) or a YAML
+        mapping; {} when not set."""
+        given = self.field
+        if given is None:
+            return {}
+        if isinstance(given, dict):
+            pairs = list(given.items())
+        else:
+            entries = [given] if isinstance(given, str) else given
+            if not isinstance(entries, list):
+                raise ConfigError(f"field={show(given)} must be TARGET=COLUMN strings or a mapping TARGET: COLUMN")
+            pairs = []
+            for entry in entries:
+                if not isinstance(entry, str) or entry.count("=") != 1:
+                    raise ConfigError(f"field={show(entry)} must be TARGET=COLUMN, e.g. messages=conversations")
+                pairs.append(tuple(entry.split("=")))
+        mapping: dict[str, str] = {}
+        for target, column in pairs:
+            if not isinstance(target, str) or not isinstance(column, str) or not target.strip() or not column.strip():
+                raise ConfigError(f"field {show(target)}={show(column)}: TARGET and COLUMN must both be non-empty "
+                                  "names, e.g. messages=conversations")
+            target, column = target.strip(), column.strip()
+            if target in mapping:
+                raise ConfigError(f"field: {target!r} is mapped twice ({mapping[target]!r} and {column!r}); map "
+                                  "each field once")
+            mapping[target] = column
+        return mapping
+
+    def trackers(self) -> tuple[str, ...]:
+        """`report_to` as tracker names; () for none."""
+        if not isinstance(self.report_to, str):
+            raise ConfigError(f"report_to={show(self.report_to)} must be none or comma-separated names of "
+                              f"{', '.join(TRACKERS)}")
+        names = [name.strip().lower() for name in self.report_to.split(",")]
+        if names == ["none"]:
+            return ()
+        for name in names:
+            if name not in TRACKERS:
+                raise ConfigError(f"report_to={show(self.report_to)}: {name!r} is not a tracker qlorakit reports "
+                                  f"to; use none, or comma-separated names of {', '.join(TRACKERS)}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"report_to={show(self.report_to)} names a tracker twice")
+        return tuple(names)
 
 
 def choices_of(name: str) -> tuple[str, ...] | None:
