@@ -171,24 +171,35 @@ def _json_object(file, what: str) -> dict:
 
 
 def adapter_base(info: dict, adapter_dir) -> str:
-    """The base model an adapter belongs on: the source qlorakit trained it from, else PEFT's
-    base_model_name_or_path when that is a local path or the default model's name."""
+    """The base model an adapter belongs on, as a source qlorakit.load takes: the source qlorakit trained it from
+    (a Hub base pinned to the commit it was trained on: "org/name@<commit>"), else PEFT's base_model_name_or_path
+    when that is a local path, the default model's name or a Hub id (pinned to PEFT's revision when it has one)."""
     from pathlib import Path
 
+    from .hub import parse_hub_id
     from .load import DEFAULT_MODEL
 
+    record = Path(adapter_dir) / "qlorakit.json"
     recorded = info["qlorakit"].get("base_model")
     if recorded is not None and not isinstance(recorded, str):
-        raise ConfigError(f"{Path(adapter_dir) / 'qlorakit.json'}: 'base_model' is {show(recorded)}, not a path or "
-                          "model name; fix the file, or pass the base model with --model")
+        raise ConfigError(f"{record}: 'base_model' is {show(recorded)}, not a path or model name; fix the file, or "
+                          "pass the base model with --model")
+    revision = info["qlorakit"].get("base_revision")
+    if revision is not None and not (isinstance(revision, str) and revision):
+        raise ConfigError(f"{record}: 'base_revision' is {show(revision)}, not the commit of a Hub base model; fix "
+                          "the file, or pass the base model with --model")
     if recorded:
-        return recorded
+        return f"{recorded}@{revision}" if revision else recorded
     named = info["peft"].get("base_model_name_or_path")
     if isinstance(named, str) and named and (named == DEFAULT_MODEL or Path(named).expanduser().exists()):
         return named
+    if isinstance(named, str) and parse_hub_id(named) is not None:
+        pinned = info["peft"].get("revision")
+        return f"{named}@{pinned}" if isinstance(pinned, str) and pinned and "@" not in named else named
     raise ConfigError(
-        f"{adapter_dir}: the adapter names its base model as {show(named)}, which is not a local path; pass the "
-        "base model with --model (a local directory or .gguf file: qlorakit never downloads)"
+        f"{adapter_dir}: the adapter names its base model as {show(named)}, which is neither a local path nor a "
+        "Hugging Face Hub id (org/name); pass the base model with --model (a local directory, a .gguf file or a "
+        "Hub id)"
     )
 
 
@@ -224,9 +235,9 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def save_adapter(model, out, cfg, precision, data=None):
     """Save a training run's adapter into the directory `out`: PEFT's format (adapter_config.json,
-    adapter_model.safetensors and its model card README.md) plus qlorakit.json — how to load the base again
-    (`cfg`: the run's TrainConfig; `precision` its Precision; `data` its TrainingData, for the format) and the size
-    and SHA-256 of each file of ADAPTER_FILES. Returns `out`.
+    adapter_model.safetensors), its model card README.md (model_card.adapter_card) and qlorakit.json — how to load
+    the base again (`cfg`: the run's TrainConfig; `precision` its Precision; `data` its TrainingData, for the format)
+    and the size and SHA-256 of each file of ADAPTER_FILES. Returns `out`.
 
     The files are one unit: staged together, then renamed into place one at a time, qlorakit.json first. Its
     record names the new files, so until the last rename a reader finds a file missing or one that does not match
@@ -240,23 +251,33 @@ def save_adapter(model, out, cfg, precision, data=None):
     from .precision import dtype_name
 
     out = Path(out)
+    # A Hub base (qlorakit.load's model.qlorakit_hub) is recorded as its id and the commit it resolved to, so that
+    # chat, eval, merge and export load the very weights it was trained on; any other as the source as given.
+    hub = getattr(model, "qlorakit_hub", None)
+    base_model, base_revision = (hub.repo_id, hub.commit) if hub is not None else (str(cfg.model), None)
     with staged_files(out, order=("qlorakit.json", "README.md", *ADAPTER_FILES)) as tmp:
         peft_config = model.peft_config["default"]
-        base_path = peft_config.base_model_name_or_path
-        peft_config.base_model_name_or_path = str(cfg.model)  # the source as given, not a cache directory
+        base_path, peft_revision = peft_config.base_model_name_or_path, peft_config.revision
+        # the source as given (not a cache directory); PEFT's own readers load a Hub base at `revision`
+        peft_config.base_model_name_or_path, peft_config.revision = base_model, base_revision
         try:
             # save_embedding_layers=False: qlorakit never adapts embeddings, and PEFT's "auto" asks the Hub for
             # the base's config.json when base_model_name_or_path is a name (the default model's is).
             model.save_pretrained(tmp, save_embedding_layers=False)
         finally:
-            peft_config.base_model_name_or_path = base_path
+            peft_config.base_model_name_or_path, peft_config.revision = base_path, peft_revision
         record = {
-            "base_model": str(cfg.model), "quant": cfg.quant, "double_quant": cfg.double_quant,
+            "base_model": base_model, "base_revision": base_revision, "quant": cfg.quant,
+            "double_quant": cfg.double_quant,
             "dtype": dtype_name(precision.compute), "adapter_dtype": dtype_name(precision.adapter),
             "format": data.format if data else None, "max_length": cfg.max_length,
             "files": {name: _file_record(tmp / name) for name in ADAPTER_FILES},
         }
         (tmp / "qlorakit.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        from .model_card import adapter_card  # (in place of PEFT's placeholder README.md)
+
+        card = adapter_card(cfg.to_dict(), record, out, base_path)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
 
 

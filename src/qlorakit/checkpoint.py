@@ -224,8 +224,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, contents: d
 
 
 # What makes a resumed run the same run: a change to any of these since config.json was written is refused.
-SAME_RUN = ("model", "data", "quant", "double_quant", "rank", "alpha", "rslora", "targets", "adapter", "seed",
-            "batch_size", "grad_accum", "max_length", "packing", "train_on", "format", "parse_special_tokens")
+SAME_RUN = ("model", "data", "data_config", "split", "field", "streaming", "quant", "double_quant", "rank", "alpha",
+            "rslora", "targets", "adapter", "seed", "batch_size", "grad_accum", "max_length", "packing", "train_on",
+            "format", "parse_special_tokens")
 
 
 def check_resumable(out: Path, config) -> dict:
@@ -257,6 +258,23 @@ def check_resumable(out: Path, config) -> dict:
             f"a resumed run must keep {', '.join(SAME_RUN)}"
         )
     return saved
+
+
+def resumed_source(out: Path, saved: dict, source: str, log=print) -> tuple[str, str | None]:
+    """(source, revision) a resumed run loads its base from: for a Hub base, the commit the run started from, as
+    its config.json recorded (`base_revision`) — the id's branch may have moved since, and the checkpoint's adapter
+    belongs on the weights it was trained on. Any other source as it is."""
+    from .hub import parse_hub_id
+
+    recorded = saved.get("base_revision")
+    if recorded is None or Path(str(source)).expanduser().exists():
+        return source, None
+    parsed = parse_hub_id(str(source))
+    if not isinstance(recorded, str) or parsed is None:
+        raise TrainingError(f"{Path(out) / 'config.json'}: 'base_revision' is {show(recorded)}, not the commit of "
+                            f"the Hub model {show(source)}; restore the file, or start a new run (--overwrite)")
+    log(f"model: {parsed[0]} at commit {recorded}, which the run started from")
+    return parsed[0], recorded
 
 
 def resumed_dtype(out: Path, saved: dict, asked: str, log=print) -> str:

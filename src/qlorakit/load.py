@@ -1,7 +1,9 @@
 """Model sources -> (quantized model, tokenizer) under a precision policy.
 
 Sources: a local Hugging Face directory (safetensors), a `.gguf` file, a directory already quantized with
-bitsandbytes, or the name of the default model. Nothing is ever downloaded: qlorakit reads local files only.
+bitsandbytes, the name of the default model, or a Hugging Face Hub id "org/name[@revision]" — downloaded (or found
+in the standard Hugging Face cache, HF_HUB_OFFLINE=1 honoured) through qlorakit.hub. A local path that exists always
+wins over an id; nothing else touches the network.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from .choices import DEFAULT_MODEL, QUANT_KINDS  # re-exported: their home is torch-free, for the CLI's parser
 from .errors import ConfigError, SourceError, show
+from .hub import HubSnapshot, model_snapshot, parse_hub_id
 from .precision import EXPORT_DTYPE, Precision, dtype_name
 from .upstream import bitsandbytes as bnb
 
@@ -240,16 +243,44 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
     return target
 
 
-def resolve_source(source: str | os.PathLike) -> Path:
-    """A source -> a local Hugging Face model directory (converting GGUF files into the cache)."""
+def resolve_source(source: str | os.PathLike, revision: str | None = None, *,
+                   trust_remote_code: bool = False) -> Path:
+    """A source -> a local Hugging Face model directory (converting GGUF files into the cache, fetching Hub ids
+    into the Hugging Face cache)."""
+    return locate_source(source, revision, trust_remote_code=trust_remote_code)[0]
+
+
+def locate_source(source: str | os.PathLike, revision: str | None = None, *,
+                  trust_remote_code: bool = False) -> tuple[Path, HubSnapshot | None]:
+    """(model directory, the Hub snapshot it is — None for a local source) for `source`: a local path (always wins),
+    the default model's name, or a Hub id "org/name[@revision]" (`revision`: the same, as a parameter)."""
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise ConfigError(f"revision={show(revision)}: give a branch, tag or commit hash of the Hub model, or None")
+    if str(source) == DEFAULT_MODEL or Path(source).expanduser().exists():
+        if revision is not None:
+            raise ConfigError(f"revision={show(revision)} applies to Hub ids (org/name); {show(str(source))} is a "
+                              "local source: drop the revision")
+        return _local_source(source), None
+    hub_id = parse_hub_id(source)  # (a str only: a Path object names a local path)
+    if hub_id is None:
+        raise SourceError(
+            f"model source '{source}' does not exist. Give a local Hugging Face model directory, a .gguf file, a "
+            f"Hugging Face Hub id such as Qwen/Qwen2.5-0.5B-Instruct (org/name, or org/name@revision), or "
+            f"'{DEFAULT_MODEL}'"
+        )
+    repo_id, pinned = hub_id
+    if pinned is not None and revision is not None and pinned != revision:
+        raise ConfigError(f"model {show(str(source))} names revision '{pinned}' and revision={show(revision)} "
+                          "another: give the revision once")
+    snapshot = model_snapshot(repo_id, pinned or revision, trust_remote_code=trust_remote_code)
+    _local_source(snapshot.directory)  # the same checks as a local directory's (config.json, safetensors)
+    return snapshot.directory, snapshot
+
+
+def _local_source(source: str | os.PathLike) -> Path:
     if str(source) == DEFAULT_MODEL:
         return gguf_to_hf_dir(default_model_gguf())
     path = Path(source).expanduser()
-    if not path.exists():
-        raise SourceError(
-            f"model source '{source}' does not exist. Give a local Hugging Face model directory, a .gguf file, "
-            f"or '{DEFAULT_MODEL}' (qlorakit never downloads: fetch hub models yourself first)."
-        )
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return gguf_to_hf_dir(path)
@@ -349,13 +380,20 @@ def load(
     dtype: str | torch.dtype = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ):
     """Load `source` with frozen, quantized base weights under the precision policy.
 
+    source: a local model directory or .gguf file, the default model's name, or a Hugging Face Hub id "org/name"
+    (`revision`: a branch, tag or commit of it; "org/name@revision" says the same), fetched into the Hugging Face
+    cache (HF_TOKEN or `hf auth login` for gated models; HF_HUB_OFFLINE=1 reads the cache only).
+
     Returns (model, tokenizer). The model carries its `Precision` (model.qlorakit_precision), which add_lora, the
-    training step and the TRL guard follow. quant: nf4 | fp4 (4-bit, blocksize 64, optional double quantization),
-    int8 (LLM.int8) or none. A checkpoint already quantized with bitsandbytes keeps its quantization (quant must
-    name the same kind) and is brought to the requested dtype, whatever dtype it was quantized in.
+    training step and the TRL guard follow, and for a Hub source the snapshot it came from
+    (model.qlorakit_hub: id and commit, which a saved adapter records). quant: nf4 | fp4 (4-bit, blocksize 64,
+    optional double quantization), int8 (LLM.int8) or none. A checkpoint already quantized with bitsandbytes keeps
+    its quantization (quant must name the same kind) and is brought to the requested dtype, whatever dtype it was
+    quantized in.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -365,7 +403,7 @@ def load(
     if not isinstance(double_quant, bool):
         raise ConfigError(f"double_quant={show(double_quant)} must be True or False")
     precision = Precision.resolve(dtype, device=device)
-    directory = resolve_source(source)
+    directory, hub = locate_source(source, revision, trust_remote_code=trust_remote_code)
 
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -425,6 +463,7 @@ def load(
     model.config.use_cache = False
     # What the base was loaded as: Precision.check refuses a "quantized" model in which it finds no quantized layer.
     model.qlorakit_quant = stored[0] if stored is not None else quant
+    model.qlorakit_hub = hub
     precision.attach(model)
 
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
