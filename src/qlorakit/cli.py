@@ -21,7 +21,7 @@ from pathlib import Path
 # Only torch-free modules at the top: the parser is built from these, and `qlorakit --help` must answer at once.
 # Each command imports what it runs (torch, transformers, PEFT...) in its function.
 from .choices import BASES, COMPUTE_CHOICES, DEFAULT_MODEL, DEFAULT_SAVED_DTYPE, DTYPE_NAMES, GGUF_TYPES, QUANT_KINDS
-from .config import PARSE_SPECIAL_HELP, TrainConfig, choices_of, read_yaml, value_kinds
+from .config import PARSE_SPECIAL_HELP, TrainConfig, choices_of, parse_field_map, read_yaml, value_kinds
 from .errors import ConfigError, QLoraKitError
 
 BASE_HELP = ("what the adapter's delta is added to: quantized (default), the base it was trained against, quantized "
@@ -147,6 +147,7 @@ def _eval(args) -> int:
                           "leave out one of them")
     if args.output is not None and Path(args.output).suffix.lower() != ".jsonl":
         raise ConfigError(f"--output {args.output}: name the output file *.jsonl (one JSON line per example)")
+    fields = parse_field_map(args.field)
     # What the command runs (torch, transformers), imported once its flags are known to be good.
     import contextlib
     import json
@@ -162,7 +163,8 @@ def _eval(args) -> int:
         # in one piece; then the data (a missing, empty or broken file).
         answers_file = stack.enter_context(staged_output(args.output, "eval", args.overwrite)) if args.output else None
         report = TokenizeReport()
-        examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows, report)
+        examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows, report, fields=fields,
+                                      config=args.data_config, split=args.split)
         matched = examples[: args.limit] if args.limit else examples
         if fmt == "text" and answers_file is not None:
             raise ConfigError(f"--output {args.output}: {args.data} is plain text (format text), which has no "
@@ -304,7 +306,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="adapter directory (a qlorakit run's --output, or any PEFT LoRA adapter)")
-    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--model", help="base model: a directory, .gguf file or Hub id org/name[@revision] (default: "
+                   "the one the adapter was trained on, at the commit it recorded)")
     p.add_argument("--quant", choices=QUANT_KINDS, help="base quantization (default: as trained)")
     p.add_argument("--dtype", choices=COMPUTE_CHOICES, help="compute dtype (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -361,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "turn, output or completion), with the first wrong answers (--show) and, with --output, "
                         "every answer in a JSON lines file.")
     _add_model_flags(ev)
-    ev.add_argument("--data", required=True, help="evaluation data (same formats as train)")
+    ev.add_argument("--data", required=True, help="evaluation data: a file, dataset directory or Hub dataset id "
+                    "(org/name[@revision]), in the formats train reads")
+    ev.add_argument("--data-config", help="the dataset's configuration (subset) name")
+    ev.add_argument("--split", default="train", help="the dataset split evaluated (default train)")
+    ev.add_argument("--field", action="append", metavar="TARGET=COLUMN",
+                    help="read the format's field TARGET from the data's column COLUMN; repeat for several")
     ev.add_argument("--format", default="auto", choices=choices_of("format"),
                     help="data format (default auto: detected from the fields)")
     ev.add_argument("--max-length", type=int, default=1024, help="tokens per example (default 1024)")
@@ -392,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="directory to write the merged model to")
     merge.add_argument("--dtype", default=DEFAULT_SAVED_DTYPE, choices=DTYPE_NAMES,
                        help=f"saved dtype (default {DEFAULT_SAVED_DTYPE})")
-    merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    merge.add_argument("--model", help="base model: a directory, .gguf file or Hub id org/name[@revision] "
+                       "(default: the one the adapter was trained on, at the commit it recorded)")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--base", default="quantized", choices=BASES, help=BASE_HELP)
     merge.add_argument("--overwrite", action="store_true",
@@ -408,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         "its base (--adapter) or a model directory such as the output of `qlorakit merge` (--model), with the "
         "tokenizer and chat template.")
     gguf.add_argument("--adapter", help="adapter directory, merged into its base on the way")
-    gguf.add_argument("--model", help="a model directory to convert; with --adapter, the base to merge into")
+    gguf.add_argument("--model", help="a model directory or Hub id (org/name[@revision]) to convert; with "
+                      "--adapter, the base to merge into")
     gguf.add_argument("--output", required=True, help="the .gguf file to write")
     gguf.add_argument("--type", default="f16", choices=GGUF_TYPES, help="tensor type (default f16)")
     gguf.add_argument("--base", default="quantized", choices=BASES,
@@ -421,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize", help="save the quantized base model (bitsandbytes), reloadable without re-quantizing",
         description="Quantize a model the way training does and save it in bitsandbytes' format with its "
         "tokenizer; `--model DIR` in train, chat, eval and merge then loads it in any compute dtype.")
-    quantize.add_argument("--model", default=DEFAULT_MODEL, help=f"source model (default {DEFAULT_MODEL})")
+    quantize.add_argument("--model", default=DEFAULT_MODEL, help="source model: directory, .gguf file or Hub id "
+                          f"org/name[@revision] (default {DEFAULT_MODEL})")
     quantize.add_argument("--output", required=True, help="directory to write the quantized model to")
     quantize.add_argument("--quant", default="nf4", choices=[q for q in QUANT_KINDS if q != "none"],
                           help="nf4 (default), fp4 or int8")

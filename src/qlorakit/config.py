@@ -249,33 +249,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def field_map(self) -> dict[str, str]:
-        """`field` as {TARGET: COLUMN}: from TARGET=COLUMN strings (flags, or a YAML list or string) or a YAML
-        mapping; {} when not set."""
-        given = self.field
-        if given is None:
-            return {}
-        if isinstance(given, dict):
-            pairs = list(given.items())
-        else:
-            entries = [given] if isinstance(given, str) else given
-            if not isinstance(entries, list):
-                raise ConfigError(f"field={show(given)} must be TARGET=COLUMN strings or a mapping TARGET: COLUMN")
-            pairs = []
-            for entry in entries:
-                if not isinstance(entry, str) or entry.count("=") != 1:
-                    raise ConfigError(f"field={show(entry)} must be TARGET=COLUMN, e.g. messages=conversations")
-                pairs.append(tuple(entry.split("=")))
-        mapping: dict[str, str] = {}
-        for target, column in pairs:
-            if not isinstance(target, str) or not isinstance(column, str) or not target.strip() or not column.strip():
-                raise ConfigError(f"field {show(target)}={show(column)}: TARGET and COLUMN must both be non-empty "
-                                  "names, e.g. messages=conversations")
-            target, column = target.strip(), column.strip()
-            if target in mapping:
-                raise ConfigError(f"field: {target!r} is mapped twice ({mapping[target]!r} and {column!r}); map "
-                                  "each field once")
-            mapping[target] = column
-        return mapping
+        """`field` as {TARGET: COLUMN} (parse_field_map); {} when not set."""
+        return parse_field_map(self.field)
 
     def trackers(self) -> tuple[str, ...]:
         """`report_to` as tracker names; () for none."""
@@ -292,6 +267,35 @@ class TrainConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"report_to={show(self.report_to)} names a tracker twice")
         return tuple(names)
+
+
+def parse_field_map(given) -> dict[str, str]:
+    """--field as {TARGET: COLUMN}: from TARGET=COLUMN strings (flags, or a YAML list or string) or a YAML
+    mapping; {} for None."""
+    if given is None:
+        return {}
+    if isinstance(given, dict):
+        pairs = list(given.items())
+    else:
+        entries = [given] if isinstance(given, str) else given
+        if not isinstance(entries, list):
+            raise ConfigError(f"field={show(given)} must be TARGET=COLUMN strings or a mapping TARGET: COLUMN")
+        pairs = []
+        for entry in entries:
+            if not isinstance(entry, str) or entry.count("=") != 1:
+                raise ConfigError(f"field={show(entry)} must be TARGET=COLUMN, e.g. messages=conversations")
+            pairs.append(tuple(entry.split("=")))
+    mapping: dict[str, str] = {}
+    for target, column in pairs:
+        if not isinstance(target, str) or not isinstance(column, str) or not target.strip() or not column.strip():
+            raise ConfigError(f"field {show(target)}={show(column)}: TARGET and COLUMN must both be non-empty "
+                              "names, e.g. messages=conversations")
+        target, column = target.strip(), column.strip()
+        if target in mapping:
+            raise ConfigError(f"field: {target!r} is mapped twice ({mapping[target]!r} and {column!r}); map "
+                              "each field once")
+        mapping[target] = column
+    return mapping
 
 
 def choices_of(name: str) -> tuple[str, ...] | None:

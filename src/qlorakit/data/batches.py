@@ -11,11 +11,14 @@ avoids packing altogether. The loss does not cross examples either way: each exa
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError, TrainingError
 from .tokenize import IGNORE_INDEX, Tokenized
 
 
@@ -84,6 +87,9 @@ class MicroBatchStream:
 
     def __init__(self, items: list[Tokenized], batch_size: int, seed: int, pad_id: int, packed: bool,
                  position: dict):
+        if "rows" in position:  # a streamed run's: its epochs are in another order
+            raise TrainingError("the checkpoint's data position is a streamed run's (--streaming), and this run "
+                                "reads the data whole: resume with --streaming, as the run started")
         self.items, self.batch_size, self.seed, self.pad_id, self.packed = items, batch_size, seed, pad_id, packed
         self.epoch, self.index = position["epoch"], position["micro"]
         self._epoch_batches = micro_batches(items, batch_size, self.epoch, seed)
@@ -91,6 +97,11 @@ class MicroBatchStream:
     @property
     def position(self) -> dict:
         return {"epoch": self.epoch, "micro": self.index}
+
+    @property
+    def progress(self) -> float:
+        """Epochs done, with the fraction of the current one."""
+        return self.epoch + self.index / max(1, len(self._epoch_batches))
 
     def take(self, n: int) -> list[Batch]:
         out = []
@@ -101,6 +112,59 @@ class MicroBatchStream:
             out.append(collate(self._epoch_batches[self.index], self.pad_id, self.packed))
             self.index += 1
         return out
+
+
+class StreamedBatches:
+    """MicroBatchStream's interface (take, position, epoch, index, progress) over data read as it is needed
+    (--streaming). `items(epoch, skip)` yields (rows read, item) for each tokenized item of the epoch's order,
+    after passing over `skip` rows; rows read counts every row up to and including the item's (bad rows skipped and
+    examples dropped as too long included). A micro-batch is the next `batch_size` items of the epoch, the last one
+    of an epoch the rest; an epoch ends where the data does, and the next starts from the beginning in its own order
+    — the batches MicroBatchStream makes of the same items in the same order. The position adds the rows read in
+    the epoch ({"epoch", "micro", "rows"}), so a resumed run passes over exactly those rows and takes the same
+    batches after them."""
+
+    def __init__(self, items: Callable[[int, int], Iterator[tuple[int, Tokenized]]], batch_size: int, pad_id: int,
+                 packed: bool, position: dict, grad_accum: int = 1, num_rows: int | None = None):
+        if "rows" not in position and (position["epoch"], position["micro"]) != (0, 0):
+            raise TrainingError("the checkpoint's data position is that of a run that read the data whole, and "
+                                "this run streams it (--streaming): resume without --streaming, as the run started")
+        self.items, self.batch_size, self.pad_id, self.packed = items, batch_size, pad_id, packed
+        self.grad_accum, self.num_rows = grad_accum, num_rows
+        self.epoch, self.index, self.rows = position["epoch"], position["micro"], position.get("rows", 0)
+        self._whole_epoch = self.rows == 0  # read from its start: its micro-batches are all counted here
+        self._items = items(self.epoch, self.rows)
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "micro": self.index, "rows": self.rows}
+
+    @property
+    def progress(self) -> float:
+        """Epochs done, with the fraction of the current one where the number of rows is known."""
+        return self.epoch + (self.rows / self.num_rows if self.num_rows else 0.0)
+
+    def take(self, n: int) -> list[Batch]:
+        out = []
+        while len(out) < n:
+            batch = list(itertools.islice(self._items, self.batch_size))
+            if batch:
+                self.rows = batch[-1][0]
+                self.index += 1
+                out.append(collate([item for _, item in batch], self.pad_id, self.packed))
+            else:  # the epoch's data has ended
+                self._next_epoch()
+        return out
+
+    def _next_epoch(self) -> None:
+        if self._whole_epoch and self.index < self.grad_accum:  # as the in-memory run refuses before its start
+            raise ConfigError(
+                f"grad_accum={self.grad_accum} is more micro-batches than the data holds (one epoch of the stream "
+                f"gave {self.index}); one optimizer step would pass over the data more than once: use grad_accum "
+                f"of at most {self.index}"
+            )
+        self.epoch, self.index, self.rows, self._whole_epoch = self.epoch + 1, 0, 0, True
+        self._items = self.items(self.epoch, 0)
 
 
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -1,6 +1,7 @@
 """Data files -> rows, each with the place it came from ("train.jsonl line 12"), so every later error can point
-at it. JSONL, JSON (a list of objects, or an object holding one), CSV, Parquet, and a directory saved with
-`datasets.Dataset.save_to_disk`. Text files must be UTF-8; an empty CSV cell is a missing value (CSV has no null)."""
+at it. JSONL, JSON (a list of objects, or an object holding one), CSV and Parquet are read here; a directory (saved
+with `datasets`' save_to_disk, or data files in a Hub dataset repository's layout) is read through `datasets`
+(data/hub.py). Text files must be UTF-8; an empty CSV cell is a missing value (CSV has no null)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,8 @@ class Row:
 
 
 def file_kind(path: Path) -> str:
-    if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            return "datasets"
-        raise DataError(
-            f"{path}: a directory that is not a saved `datasets` dataset (no dataset_info.json / state.json); "
-            "pass a .jsonl, .json, .csv or .parquet file, or a directory written by Dataset.save_to_disk"
-        )
+    if path.is_dir():  # a dataset directory, read through `datasets` (data/hub.py)
+        return "datasets"
     if path.exists() and not path.is_file():  # a FIFO would block the read forever, a device never ends
         raise DataError(
             f"{path}: not a regular file but a {_special_kind(path)}; qlorakit reads data from regular files "
@@ -44,7 +40,8 @@ def file_kind(path: Path) -> str:
     if kind is None:
         raise DataError(
             f"{path}: unknown data file type {path.suffix or '(no extension)'!r}; use .jsonl, .json, .csv or "
-            ".parquet, or a directory written by datasets' save_to_disk"
+            ".parquet, a dataset directory (written by datasets' save_to_disk, or in a Hub dataset's layout) or a "
+            "Hub dataset id (org/name)"
         )
     return kind
 
@@ -59,7 +56,7 @@ def _special_kind(path: Path) -> str:
 
 
 def check_data_file(path: str | Path, option: str = "--data") -> str:
-    """The kind of a data file, after making sure it exists, is a regular file (or a saved dataset directory) and
+    """The kind of a data file, after making sure it exists, is a regular file (or a dataset directory) and
     can be opened — cheap checks to run before minutes of model loading. Returns the kind ("jsonl", ...)."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -245,15 +242,9 @@ def _parquet(path: Path) -> Iterator[Row]:
 
 
 def _datasets_dir(path: Path) -> Iterator[Row]:
-    from datasets import DatasetDict, load_from_disk
+    from .hub import open_dataset
 
-    dataset = load_from_disk(str(path))
-    if isinstance(dataset, DatasetDict):
-        if "train" not in dataset:
-            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(dataset)})")
-        dataset = dataset["train"]
-    for index, record in enumerate(dataset):
-        yield Row(dict(record), f"{path.name} row {index}")
+    yield from open_dataset(str(path)).rows("train")
 
 
 _READERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet, "datasets": _datasets_dir}

@@ -17,10 +17,12 @@ import json
 from dataclasses import dataclass
 
 from ..choices import FORMATS  # re-exported: its home is torch-free, for TrainConfig and the CLI's parser
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .files import Row
 
 ROLES = ("system", "user", "assistant")
+# Every field a format reads: the TARGETs `--field TARGET=COLUMN` may name.
+FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion", "text")
 _SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
@@ -49,8 +51,35 @@ def detect_format(row: Row) -> str:
     raise DataError(
         f"{row.where}: cannot tell the data format from the fields {sorted(keys)}; expected 'messages' (or "
         "'conversations') for chat, 'instruction' + 'output', 'prompt' + 'completion', or 'text' — or name the "
-        "format with --format"
+        "format with --format, or read those fields from other columns with --field TARGET=COLUMN (e.g. --field "
+        "prompt=question --field completion=answer)"
     )
+
+
+def check_field_map(mapping: dict[str, str]) -> None:
+    """Each TARGET of `--field TARGET=COLUMN` is a field some format reads."""
+    for target, column in mapping.items():
+        if target not in FIELDS:
+            raise ConfigError(f"--field {target}={column}: {target!r} is not a field of any data format; TARGET is "
+                              f"one of {', '.join(FIELDS)}")
+
+
+def check_columns(where: str, columns, mapping: dict[str, str]) -> None:
+    """Every COLUMN of `--field TARGET=COLUMN` is one of `columns` (a dataset's, or a row's fields)."""
+    for target, column in mapping.items():
+        if column not in columns:
+            raise DataError(f"{where}: no column {column!r} for --field {target}={column}; the columns are "
+                            f"{', '.join(map(repr, sorted(columns))) or 'none'}")
+
+
+def map_fields(row: Row, mapping: dict[str, str]) -> Row:
+    """`row` with each mapped COLUMN read as its TARGET field (`--field TARGET=COLUMN`). The mapped columns' own
+    names are dropped, so they play no part in detecting the format."""
+    if not mapping:
+        return row
+    check_columns(row.where, row.fields, mapping)
+    fields = {k: v for k, v in row.fields.items() if k not in mapping.values()}
+    return Row(fields | {target: row.fields[column] for target, column in mapping.items()}, row.where)
 
 
 def to_example(row: Row, fmt: str) -> Example:

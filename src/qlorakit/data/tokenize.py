@@ -236,6 +236,15 @@ def tokenize_examples(
     tokenizer, examples: list[Example], max_length: int, train_on: str = "assistant", on_long: str = "truncate",
     report: TokenizeReport | None = None, parse_special_tokens: bool = False,
 ) -> tuple[list[Tokenized], TokenizeReport]:
+    report = report or TokenizeReport()
+    fit = example_tokenizer(tokenizer, max_length, train_on, on_long, report, parse_special_tokens)
+    return [item for item in map(fit, examples) if item is not None], report
+
+
+def example_tokenizer(tokenizer, max_length: int, train_on: str = "assistant", on_long: str = "truncate",
+                      report: TokenizeReport | None = None, parse_special_tokens: bool = False):
+    """A function from one Example to its Tokenized item fitted to `max_length` (truncated, or None when dropped
+    per `on_long`), counting into `report`: the settings are checked once, here, for a list or a stream."""
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on={train_on!r}: use 'assistant' (answers only) or 'all' (every token)")
     if on_long not in ON_LONG:
@@ -247,10 +256,10 @@ def tokenize_examples(
             "the tokenizer is a slow (Python) tokenizer; qlorakit needs a fast one (tokenizer.json) to map the "
             "chat template's text to tokens"
         )
-    report = report or TokenizeReport()
+    report = report if report is not None else TokenizeReport()
     specials = None if parse_special_tokens else special_token_pattern(tokenizer)
-    out = []
-    for example in examples:
+
+    def fit(example: Example) -> Tokenized | None:
         item = tokenize_example(tokenizer, example, train_on, parse_special_tokens, specials)
         if len(item.input_ids) > max_length:
             if on_long == "error":
@@ -261,17 +270,18 @@ def tokenize_examples(
                 )
             if on_long == "drop":
                 report.dropped_long += 1
-                continue
+                return None
             item = Tokenized(item.input_ids[:max_length], item.labels[:max_length], item.where)
             report.truncated += 1
             if train_on == "assistant" and item.trained_tokens == 0:
                 report.dropped_long += 1  # its answer lay wholly beyond max_length
-                continue
-        out.append(item)
+                return None
         report.examples += 1
         report.tokens += len(item.input_ids)
         report.trained_tokens += item.trained_tokens
-    return out, report
+        return item
+
+    return fit
 
 
 def check_trainable(items: list[Tokenized], report: TokenizeReport, source: str, train_on: str) -> None:
