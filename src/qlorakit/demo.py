@@ -104,6 +104,7 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: b
     from .data import read_examples
     from .evaluate import exact_match
     from .load import load
+    from .model_card import add_exact_match
     from .outputs import check_output
     from .train import train
 
@@ -127,6 +128,7 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: b
         f"e.g. {before['samples'][0]['got']!r} for {before['samples'][0]['expected']!r}")
     result = train(config, loaded=(model, tokenizer), overwrite=overwrite, log=log, progress=progress)
     after = exact_match(result.model, tokenizer, heldout, max_new_tokens=24)
+    add_exact_match(result.output, after, before)  # into metrics.jsonl and the adapter's model card
     seconds = time.perf_counter() - started
     log(f"held-out exact match after training:  {after['accuracy']:.0%} ({after['correct']}/{after['total']}); "
         f"e.g. {after['samples'][0]['got']!r} for {after['samples'][0]['expected']!r}")

@@ -1,16 +1,21 @@
-"""The run's metrics: metrics.jsonl (one JSON object per logged step or evaluation) and a loss-curve PNG."""
+"""The run's metrics: metrics.jsonl (one JSON object per logged step or evaluation), the same records to the
+trackers asked for (trackers.py), and a loss-curve PNG."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .outputs import append_line, atomic_file, atomic_write_text
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int | None = None):
+    """metrics.jsonl; each record written also goes to `trackers` (a trackers.Trackers), so the two always agree."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, trackers=None):
         self.path = Path(path)
+        self.trackers = trackers
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             atomic_write_text(self.path, "")
@@ -20,17 +25,40 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         append_line(self.path, json.dumps(record))
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a kill
-        return records
+        return read_metrics(self.path)
+
+
+def read_metrics(path) -> list[dict]:
+    """A metrics.jsonl's records ([] when there is none); a line cut short by a kill ends them."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by a kill
+    return records
+
+
+def peak_memory(device) -> dict:
+    """The process's peak memory so far in MiB, under a key that says what was measured: on a CUDA device
+    `peak_cuda_allocated_mib`, the peak of its tensors there (torch.cuda.max_memory_allocated; the caching
+    allocator's unused reserve not counted); elsewhere `peak_rss_mib`, the process's peak resident set size
+    (getrusage: everything it held in RAM, Python and libraries included). Both since the process started."""
+    if device.type == "cuda":
+        import torch
+
+        return {"peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_rss_mib": peak / (2**20 if sys.platform == "darwin" else 2**10)}
 
 
 def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | None:

@@ -22,20 +22,20 @@ import torch
 from .adapters import add_lora, load_adapter, read_adapter_info, save_adapter
 from .checkpoint import (
     check_resumable, check_same_data, data_fingerprint, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
-    resumed_dtype, save_checkpoint,
+    resumed_dtype, resumed_source, save_checkpoint,
 )
 from .config import OPTIMIZER_RANGES, TrainConfig
-from .data import IGNORE_INDEX, Batch, check_data_file, load_data, pad_id_of
-from .data.batches import MicroBatchStream
+from .data import IGNORE_INDEX, Batch, load_data, pad_id_of, read_data
 from .errors import ConfigError, TrainingError, check_number
 from .evaluate import eval_loss
 from .load import load, quantization_summary
 from .loss import batch_loss, causal_lm_loss
-from .metrics import MetricsLog, plot_loss_curve, still_falling
+from .metrics import MetricsLog, peak_memory, plot_loss_curve, still_falling
 from .optim import make_optimizer, make_scheduler
 from .outputs import atomic_write_json, claim_run_directory, is_disk_full
 from .fast_path import fast_path_report
 from .precision import Precision, dtype_name, precision_of, resolve_device
+from .trackers import Trackers, check_trackers
 from .upstream.torch_private import is_compiled
 from .upstream.transformers import enable_checkpointing
 
@@ -179,9 +179,19 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     checkpoint (or its adapter).
     """
     claims = []  # the output's claim, taken by _train once the config is known; released however the run ends
+    trackers = []  # the run's Trackers, opened by _train; closed before the claim is released (which may remove
+    # the run's files), a run that raised marked failed
     try:
-        return _train(config, loaded=loaded, overwrite=overwrite, log=log, progress=progress, claims=claims,
-                      **overrides)
+        try:
+            result = _train(config, loaded=loaded, overwrite=overwrite, log=log, progress=progress, claims=claims,
+                            trackers=trackers, **overrides)
+        except BaseException as e:
+            for tracker in trackers:
+                tracker.close(error=e)
+            raise
+        for tracker in trackers:
+            tracker.close()
+        return result
     except OSError as e:
         if not (claims and is_disk_full(e)):
             raise
@@ -199,8 +209,9 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
             claim.release()
 
 
-def _train(config, *, loaded, overwrite, log, progress, claims: list, **overrides) -> RunResult:
-    """The run, top to bottom; its output's claim goes into `claims`, which train() releases."""
+def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: list, **overrides) -> RunResult:
+    """The run, top to bottom; its output's claim goes into `claims`, which train() releases, and its trackers into
+    `trackers`, which train() closes."""
     if not isinstance(config, TrainConfig):
         config = TrainConfig.build(config, **overrides)
     elif overrides:
@@ -219,11 +230,15 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, **override
         resume_from, resume_contents = newest_intact_checkpoint(out / "checkpoints", log)
     if cfg.data is None:
         raise ConfigError("no training data: pass --data FILE (or data: in the YAML config)")
-    check_data_file(cfg.data)  # missing, unreadable, a FIFO...
-    if cfg.validation_data is not None:
-        check_data_file(cfg.validation_data, "--validation-data")
+    if cfg.streaming and not cfg.max_steps:
+        raise ConfigError(
+            "--streaming reads the data as training needs it, so the number of examples (and the steps in an epoch) "
+            "is known only once an epoch has been read: give the run's length with --max-steps N (epochs are "
+            "counted as the data ends and starts again)"
+        )
     if cfg.adapter is not None:
         read_adapter_info(cfg.adapter)  # missing, broken, or files of two saves
+    check_trackers(cfg.trackers(), out, cfg.resume)  # --report-to: the libraries, the tracker runs to continue
     device = resolve_device(cfg.device) if loaded is None else next(loaded[0].parameters()).device
     if cfg.offload_activations and device.type != "cuda":
         raise ConfigError(
@@ -231,6 +246,11 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, **override
             f"{device.type}, where they are in CPU memory already: leave it off (gradient_checkpointing alone "
             f"saves the memory)"
         )
+    # The data, read before the model: a file's rows, a Hub dataset resolved and downloaded (or, streamed, opened
+    # and its first row read), its split, mapped columns and format checked.
+    examples = read_data(cfg.data, cfg.format, cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed,
+                         config=cfg.data_config, split=cfg.split, validation_split=cfg.validation_split,
+                         fields=cfg.field_map(), streaming=cfg.streaming)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -245,19 +265,19 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, **override
         asked = resumed_dtype(out, saved, asked, log)
     if loaded is None:
         compute = Precision.resolve(asked, device=device).compute
-        model, tokenizer = load(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant, dtype=compute,
-                                device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        source, revision = resumed_source(out, saved, cfg.model, log) if cfg.resume else (cfg.model, None)
+        model, tokenizer = load(source, quant=cfg.quant, double_quant=cfg.double_quant, dtype=compute,
+                                device=cfg.device, trust_remote_code=cfg.trust_remote_code, revision=revision)
     pad_id = pad_id_of(tokenizer)
 
-    # 2. The data: rows -> examples -> token ids and labels.
-    data = load_data(cfg.data, tokenizer, cfg.format, cfg.max_length, cfg.train_on, cfg.on_long,
-                     cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed,
+    # 2. The data: examples -> token ids and labels (streamed: as the loop needs them).
+    data = load_data(examples, tokenizer, max_length=cfg.max_length, train_on=cfg.train_on, on_long=cfg.on_long,
                      parse_special_tokens=cfg.parse_special_tokens)
-    log(f"data: {cfg.data} ({data.format}): {data.report.describe()}"
+    log(f"data: {cfg.data} ({data.format}): {data.describe()}"
         + (f"; {len(data.validation)} held out for evaluation" if data.validation else ""))
     for skipped in data.report.skipped_rows[:5]:
         log(f"  skipped: {skipped}")
-    fingerprint = data_fingerprint(data)
+    fingerprint = data_fingerprint(data.fingerprinted())
     if resume_contents is not None:
         check_same_data(out, resume_from, resume_contents, fingerprint, cfg.data, log)
 
@@ -280,15 +300,16 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, **override
     log(f"fast path: {fast_path_report(model).describe()}")
 
     # 4. Optimizer and schedule.
-    micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    if cfg.grad_accum > micro_per_epoch:  # a step's micro-batches are all held at once: bound them by the data
+    # A step's micro-batches are all held at once: bound them by the data (streamed data: None here, checked as its
+    # first epoch is read; the run's length is then --max-steps).
+    micro_per_epoch = data.micro_batches_per_epoch(cfg.batch_size)
+    if micro_per_epoch is not None and cfg.grad_accum > micro_per_epoch:
         raise ConfigError(
             f"grad_accum={cfg.grad_accum} is more micro-batches than the data holds ({len(data.train)} examples in "
             f"batches of {cfg.batch_size}: {micro_per_epoch}); one optimizer step would pass over the data more than "
             f"once: use grad_accum of at most {micro_per_epoch}"
         )
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(micro_per_epoch / cfg.grad_accum)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * total_steps)
     if warmup > total_steps:
         raise ConfigError(
@@ -314,9 +335,15 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, **override
         log(f"resumed from {last_checkpoint} (step {start_step} of {total_steps})")
     output.replace_previous()  # every check has passed: an earlier run moves aside, the new one starts writing
     # (dtype as asked, compute_dtype as resolved: what a --resume continues in)
-    atomic_write_json(out / "config.json", cfg.to_dict() | {"compute_dtype": dtype_name(precision.compute)})
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if cfg.resume else None)
-    stream = MicroBatchStream(data.train, cfg.batch_size, cfg.seed, pad_id, cfg.packing, position)
+    # (+ the commit of a Hub base: what a --resume loads again, whatever the id's branch says by then)
+    hub = getattr(model, "qlorakit_hub", None)
+    run_config = cfg.to_dict() | {"compute_dtype": dtype_name(precision.compute),
+                                  "base_revision": hub.commit if hub is not None else None}
+    atomic_write_json(out / "config.json", run_config)
+    trackers.append(Trackers(out, log))
+    trackers[0].open(cfg.trackers(), run_config, resume_step=start_step if cfg.resume else None)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if cfg.resume else None, trackers=trackers[0])
+    stream = data.batches(cfg.batch_size, cfg.seed, pad_id, cfg.packing, position, cfg.grad_accum)
 
     # 6. The loop.
     bar = None
@@ -349,11 +376,14 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, **override
         scheduler.step()
         seconds = time.perf_counter() - tick
         real_tokens = sum(b.real_tokens for b in batches)
-        record = {"step": step, "epoch": round(stream.epoch + stream.index / max(1, micro_per_epoch), 4),
+        record = {"step": step, "epoch": round(stream.progress, 4),
                   "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                   "trained_tokens": result.tokens, "tokens": real_tokens,
                   "tokens_per_s": real_tokens / seconds, "skipped": result.skipped,
                   "elapsed_s": time.perf_counter() - started}
+        if step_fn.scaler is not None:  # fp16: the loss scale the next step starts with
+            record["scale"] = step_fn.scaler.get_scale()
+        record |= peak_memory(step_fn.device)
         if step % cfg.log_every == 0 or step == total_steps:
             metrics.write(record)
         if bar is not None:

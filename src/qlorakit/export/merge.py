@@ -4,7 +4,8 @@ The base is, by default, the one the adapter was trained against (the source qua
 dequantized; see source.QuantizedBase), or on request the source's unquantized weights; the delta is added in
 fp32 (never re-quantized: that would round it away), and each tensor is cast and written shard by shard. The
 output needs only transformers to load: config.json without any quantization_config, safetensors shards with an
-index when there are several, the tokenizer with the chat template the model was trained with.
+index when there are several, the tokenizer with the chat template the model was trained with, and a model
+card (README.md: model_card.merged_card).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, show
+from ..model_card import merged_card
 from ..outputs import check_output, staged_output
 from ..precision import DEFAULT_SAVED_DTYPE, DTYPE_NAMES, is_dtype_name, parse_dtype, torch_config_name
 from .source import ModelTensors, check_base, merge_base, merged_tensors, read_lora
@@ -168,4 +170,7 @@ def merge(adapter: str | Path, output: str | Path, dtype: str = DEFAULT_SAVED_DT
         _write_shards(source, tensors, staging, torch_dtype, max_bytes, log)
         _write_config(source_dir, staging, torch_dtype)
         save_tokenizer(source_dir, staging)
+        settings = {"output": output, "dtype": dtype, "base": base, "model": model, "max_shard_size": max_shard_size}
+        card = merged_card(adapter, source_dir, model or trained_on, settings)
+        (staging / "README.md").write_text(card, encoding="utf-8")
     return output

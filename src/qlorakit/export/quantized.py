@@ -11,8 +11,10 @@ from ..outputs import check_output, staged_output
 
 
 def save_quantized(model, tokenizer, output: str | Path, overwrite: bool = False) -> Path:
-    """Save a model from qlorakit.load (quantized, no adapters) and its tokenizer to the directory `output`."""
+    """Save a model from qlorakit.load (quantized, no adapters), its tokenizer and a model card (README.md) to the
+    directory `output`."""
     from ..data.tokenize import chat_template
+    from ..model_card import quantized_card
     from ..upstream import bitsandbytes as bnb
 
     if hasattr(model, "peft_config"):
@@ -32,6 +34,7 @@ def save_quantized(model, tokenizer, output: str | Path, overwrite: bool = False
         model.save_pretrained(staging)
         tokenizer.chat_template = chat_template(tokenizer)
         tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(quantized_card(model, output), encoding="utf-8")
     return Path(output).expanduser()
 
 

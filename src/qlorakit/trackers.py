@@ -1,0 +1,254 @@
+"""Experiment trackers (`--report-to tensorboard,wandb,mlflow`): each through its own library, an optional extra
+imported only when asked for (`pip install qlorakit[NAME]`). They get what metrics.jsonl gets — every number of each
+of its records, at that record's step, under the same key — and the run's config (config.json) once. The console
+bar, metrics.jsonl and loss.png stay, whatever is reported.
+
+Where the files go: nowhere outside the run's --output unless the user configured the tool to.
+- tensorboard: OUTPUT/tensorboard (`tensorboard --logdir OUTPUT/tensorboard`). Scalars are written in float64
+  (TensorBoard's double-precision scalar), so they read back exactly; the config as text and as hparams.
+- wandb: its directory is OUTPUT (it writes OUTPUT/wandb; WANDB_DIR, when set, wins); the project is WANDB_PROJECT,
+  else "qlorakit"; the run's name is the output directory's name; the config is the run's config. Every record is
+  a row with its `step` as the x-axis (define_metric), so a resumed run's repeated steps are rows too.
+  WANDB_MODE=offline keeps the run on disk for `wandb sync`.
+- mlflow: the tracking server or store MLFLOW_TRACKING_URI names, else a SQLite store inside the output,
+  OUTPUT/mlflow/mlflow.db (`mlflow ui --backend-store-uri sqlite:///OUTPUT/mlflow/mlflow.db`), which needs
+  sqlalchemy and alembic (the extra brings them; MLflow's file store is deprecated); the experiment is
+  MLFLOW_EXPERIMENT_NAME, else "qlorakit"; the run's name is the output directory's name; the config is the run's
+  params.
+
+A run that fails is marked so where the tool has a status (wandb: exit code 1; mlflow: FAILED, KILLED for an
+interrupt; tensorboard: the hparams session's status). A --resume continues where each tool allows, through the ids
+recorded in OUTPUT/trackers.json: tensorboard the same directory, dropping what the interrupted run logged after its
+checkpoint (purge_step), as metrics.jsonl does; wandb the same run id (resume="allow"; offline, a new run directory
+under OUTPUT/wandb with that id, which `wandb sync` adds to the same run); mlflow the same run, set running again.
+MLflow keeps every value logged at a step, so steps logged after the checkpoint by the interrupted run stay in its
+history beside the resumed run's; its params are write-once, so a resume adds only settings the run lacks.
+
+Values: all three keep float64, so they equal metrics.jsonl's; but MLflow's SQL store keeps an infinite value (the
+gradient norm of a step fp16's GradScaler skipped) as +-1.8e308, its largest float.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+
+from .errors import ConfigError, TrainingError, show
+from .outputs import atomic_write_json
+
+RECORD = "trackers.json"  # in the output: each tracker's run id, what a --resume continues
+_RECORD_KEYS = {"wandb": {"id", "project"}, "mlflow": {"run_id", "tracking_uri"}}
+# The modules each tracker imports; mlflow's local store (no MLFLOW_TRACKING_URI) also needs SQLAlchemy's.
+_MODULES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+_MLFLOW_LOCAL_STORE = ("sqlalchemy", "alembic")
+
+
+def check_trackers(names: tuple[str, ...], out: Path | None = None, resume: bool = False) -> None:
+    """Before minutes of model loading: import what each tracker in `names` needs (a missing or broken library is
+    a ConfigError naming the extra that installs it) and, for a run that resumes in `out`, read the tracker runs it
+    continues (trackers.json)."""
+    for name in names:
+        needed = _MODULES[name]
+        if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+            needed += _MLFLOW_LOCAL_STORE
+        for module in needed:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                why = ("is not installed" if isinstance(e, ModuleNotFoundError) and e.name == module
+                       else f"cannot be imported ({type(e).__name__}: {show(str(e))})")
+                store = (" (without MLFLOW_TRACKING_URI the runs go to a SQLite store in the output)"
+                         if module in _MLFLOW_LOCAL_STORE else "")
+                raise ConfigError(f"report_to={name}: the {module} package {why}{store}; install the extra: "
+                                  f"pip install 'qlorakit[{name}]'") from None
+    if names and resume:
+        read_record(Path(out))
+
+
+def read_record(out: Path) -> dict:
+    """trackers.json of the run in `out`: {tracker: its run's ids}, {} when there is none."""
+    path = Path(out) / RECORD
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        saved = e
+    if not (isinstance(saved, dict) and set(saved) <= set(_RECORD_KEYS)
+            and all(isinstance(v, dict) and set(v) == _RECORD_KEYS[k] for k, v in saved.items())):
+        raise TrainingError(f"{path}: not the tracker run ids qlorakit writes ({show(saved)}), so --resume cannot "
+                            f"continue the same tracker runs; delete the file to start new ones")
+    return saved
+
+
+def _numbers(record: dict) -> dict:
+    """The values a tracker logs from a metrics.jsonl record: every number but the step (a bool as 0 or 1)."""
+    return {k: int(v) if isinstance(v, bool) else v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float))}
+
+
+def _text(value) -> str:
+    """A config value as a tracker's string parameter: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class Trackers:
+    """The run's open trackers. `open` starts them, `log` sends a metrics.jsonl record to each, `close` ends them —
+    as failed when the run ended with an error — and is called however the run ends (train() does)."""
+
+    def __init__(self, out: Path, log=print):
+        self.out, self.say = Path(out), log
+        self.runs: list = []
+        self.record: dict = {}  # trackers.json
+
+    def open(self, names: tuple[str, ...], config: dict, resume_step: int | None) -> None:
+        """Start a run in each tracker of `names` (or continue the run trackers.json names, for a resumed run
+        continuing after `resume_step`) and give it the run's `config`."""
+        saved = read_record(self.out) if resume_step is not None else {}
+        self.record = dict(saved)  # trackers of the interrupted run that this one does not open stay recorded
+        kinds = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
+        for name in names:
+            run = kinds[name](self.out, config, resume_step, saved.get(name), self.say)
+            self.runs.append(run)
+            if run.record is not None:
+                self.record[name] = run.record
+                atomic_write_json(self.out / RECORD, self.record)
+
+    def log(self, record: dict) -> None:
+        values = _numbers(record)
+        if self.runs and values:
+            for run in self.runs:
+                run.log(record["step"], values)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End every run (idempotent). After a success a tracker that cannot finish is a TrainingError; after an
+        error (which goes on) it is a note, the tool's own error named."""
+        problems = []
+        for run in reversed(self.runs):
+            try:
+                run.close(error)
+            except Exception as e:
+                problems.append(f"{run.name}: {type(e).__name__}: {show(str(e))}")
+        self.runs = []
+        if problems and error is None:
+            raise TrainingError(f"{self.out}: the run finished (its adapter and metrics.jsonl are written), but "
+                                f"closing its tracker failed — {'; '.join(problems)}; the tracker's record of the "
+                                f"run may lack its end")
+        for problem in problems:
+            self.say(f"note: closing the tracker failed too: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------- the trackers
+
+
+class _TensorBoard:
+    name = "tensorboard"
+
+    def __init__(self, out: Path, config: dict, resume_step: int | None, saved: dict | None, log):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        self.dir = out / "tensorboard"
+        # purge_step: a session-start event at that step. TensorBoard takes the first as the run's start and each
+        # later one as a restart, dropping what was logged from its step on: a resume drops what the interrupted
+        # run logged after its checkpoint, as metrics.jsonl does.
+        self.writer = SummaryWriter(str(self.dir), purge_step=0 if resume_step is None else resume_step + 1)
+        self.record = None  # the directory is all a resume needs
+        step = resume_step or 0
+        self.writer.add_text("config", "    " + json.dumps(config, indent=2, sort_keys=True).replace("\n", "\n    "),
+                             global_step=step)  # (indented: Markdown shows it as code)
+        values = {k: v if isinstance(v, (bool, int, float, str)) else _text(v) for k, v in config.items()}
+        experiment, session_start, _ = hparams(values, dict.fromkeys(("loss", "eval_loss"), 0.0))
+        for summary in (experiment, session_start):
+            self.writer.file_writer.add_summary(summary, step)
+        self.writer.flush()
+        log(f"tensorboard: logging to {self.dir} (view: tensorboard --logdir {self.dir})")
+
+    def log(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step, new_style=True, double_precision=True)
+        self.writer.flush()  # on disk at every record, as metrics.jsonl: a killed run loses nothing it logged
+
+    def close(self, error: BaseException | None) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams import metadata
+        from tensorboard.plugins.hparams.api_pb2 import Status
+        from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+
+        status = "STATUS_SUCCESS" if error is None else "STATUS_FAILURE"
+        content = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, session_end_info=SessionEndInfo(
+            status=Status.Value(status), end_time_secs=time.time()))
+        plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(
+            tag=metadata.SESSION_END_INFO_TAG, metadata=SummaryMetadata(plugin_data=plugin))]))
+        self.writer.close()
+
+
+class _Wandb:
+    name = "wandb"
+
+    def __init__(self, out: Path, config: dict, resume_step: int | None, saved: dict | None, log):
+        import wandb
+
+        project = saved["project"] if saved else os.environ.get("WANDB_PROJECT") or "qlorakit"
+        self.run = wandb.init(
+            project=project, name=out.resolve().name, dir=None if os.environ.get("WANDB_DIR") else str(out),
+            id=saved["id"] if saved else None, resume="allow" if saved else None)
+        self.run.config.update(config, allow_val_change=True)  # a resume may change settings (max_steps...)
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        self.record = {"id": self.run.id, "project": project}
+        log(f"wandb: {'continuing' if saved else 'logging to'} run {self.run.id} of project {project} "
+            f"({self.run.dir})")
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log({"step": step} | values)
+
+    def close(self, error: BaseException | None) -> None:
+        self.run.finish(exit_code=0 if error is None else 1)
+
+
+class _MLflow:
+    name = "mlflow"
+
+    def __init__(self, out: Path, config: dict, resume_step: int | None, saved: dict | None, log):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        # The store: the one the run started in (a resume), else MLFLOW_TRACKING_URI, else SQLite in the output
+        # (recorded as None: the output's own store, wherever the output is moved).
+        uri = saved["tracking_uri"] if saved else os.environ.get("MLFLOW_TRACKING_URI") or None
+        store = out.resolve() / "mlflow"
+        if uri is None:
+            store.mkdir(exist_ok=True)
+        local = f"sqlite:///{store / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri or local)
+        if saved:
+            self.run_id = saved["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            logged = self.client.get_run(self.run_id).data.params
+        else:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "qlorakit"
+            experiment = self.client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                name, artifact_location=(store / "artifacts").as_uri() if uri is None else None)
+            self.run_id = self.client.create_run(experiment_id, run_name=out.resolve().name).info.run_id
+            logged = {}
+        # params are write-once: a resume adds the settings the run lacks, its config.json has the rest
+        self.client.log_batch(self.run_id, params=[Param(k, _text(v)) for k, v in config.items() if k not in logged])
+        self.record = {"run_id": self.run_id, "tracking_uri": uri}
+        where = uri or f"{local} (view: mlflow ui --backend-store-uri {local}, with the full mlflow package)"
+        log(f"mlflow: {'continuing' if saved else 'logging to'} run {self.run_id} in {where}")
+
+    def log(self, step: int, values: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def close(self, error: BaseException | None) -> None:
+        status = "FINISHED" if error is None else "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        self.client.set_terminated(self.run_id, status)
