@@ -84,6 +84,9 @@ CASES = [
      lambda t, m: _build(data="org/ds", validation_split="validation", validation=0.1),
      r"^config: validation_split='validation' and validation=0\.1 are both given; use one source of validation "
      r"data$"),
+    ("validation split that is the training split", lambda t, m: _build(data="org/ds", validation_split="train"),
+     r"^config: validation_split='train' is the split trained on \(split='train'\): its loss would not measure "
+     r"anything held out; name another split$"),
     ("column mapping without a column", lambda t, m: _build(field=["messages"]),
      r"^config: field='messages' must be TARGET=COLUMN, e\.g\. messages=conversations$"),
     ("column mapping with an empty side", lambda t, m: _build(field=["messages= "]),

@@ -344,6 +344,12 @@ def _cached(t: Path, request) -> str:
 
 # (case, as docs/errors.md names it; how to provoke it (tmp_path, request); what the message must say)
 CASES = [
+    ("mapped field the format does not read",
+     lambda t, r: read_data(str(_jsonl(t / "mixed.jsonl", [{"messages": [{"role": "user", "content": "w1"},
+                                                                        {"role": "assistant", "content": "w2"}]}
+                                                          | row for row in ROWS])), fields=QA),
+     r"mixed\.jsonl: --field prompt=question maps a field the chat format does not read \(it reads messages, "
+     r"conversations\); name the format you mean with --format, or drop the mapping"),
     ("unknown split", lambda t, r: _read(str(repo_dir(t / "qa")), split="tain"),
      r"qa: no split 'tain' \(--split tain\); its splits are train, validation"),
     ("unknown validation split", lambda t, r: _read(str(repo_dir(t / "qa", validation=None, readme=None)),
@@ -435,3 +441,20 @@ def test_every_case_is_documented():
     section = docs[docs.index("## Hub datasets"):]
     for case, _, _ in CASES:
         assert f"| {case} |" in section, case
+
+
+def test_a_resume_compares_the_column_mapping_not_how_it_was_written(tmp_path):
+    from qlorakit.checkpoint import check_resumable
+    from qlorakit.config import TrainConfig
+    from qlorakit.errors import TrainingError
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-000001" / "state.json").write_text("{}")
+    started = TrainConfig(data="qa-org/qa", field=["prompt=question", "completion=answer"])
+    (run / "config.json").write_text(json.dumps(started.to_dict()))
+    for same in ({"completion": "answer", "prompt": "question"}, ["completion=answer", "prompt = question"]):
+        check_resumable(run, TrainConfig(data="qa-org/qa", field=same))
+    with pytest.raises(TrainingError, match=r"--resume with field=\['prompt=query'\], but the run was started with "
+                                            r"field=\['prompt=question', 'completion=answer'\]"):
+        check_resumable(run, TrainConfig(data="qa-org/qa", field=["prompt=query"]))

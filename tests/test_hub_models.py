@@ -290,6 +290,21 @@ def test_an_adapter_on_a_local_base_records_no_revision(tmp_path, tiny_model_dir
     assert adapter_base(read_adapter_info(adapter), adapter) == str(tiny_model_dir)
 
 
+def test_a_local_base_named_relatively_is_recorded_absolutely(offline, tmp_path, tiny_model_dir, monkeypatch):
+    """A local base given as a relative path that reads like a Hub id ("tiny-org/tiny-llama" under the working
+    directory) is recorded as its absolute path: from another directory chat/eval/merge must find that directory,
+    not the Hub model of the same spelling."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / REPO)
+    monkeypatch.chdir(tmp_path)
+    model = qlorakit.add_lora(qlorakit.load(REPO, **CPU)[0], rank=2, alpha=4)
+    assert getattr(model, "qlorakit_hub", None) is None  # the local directory won
+    adapter = save_adapter(model, tmp_path / "adapter", TrainConfig(model=REPO), qlorakit.precision_of(model))
+    monkeypatch.chdir(tmp_path / "adapter")
+    assert adapter_base(read_adapter_info(adapter), adapter) == str((tmp_path / REPO).resolve())
+
+
 def test_a_peft_adapter_naming_a_hub_base_finds_it(offline, tmp_path, capsys):
     """An adapter trained elsewhere (no qlorakit.json) whose base_model_name_or_path is a Hub id: chat loads that
     base from the cache (before, it was refused as 'not a local path')."""
@@ -368,6 +383,38 @@ def test_a_resume_refuses_a_recorded_base_revision_that_is_not_a_commit(tmp_path
         resumed_source(tmp_path, {"base_revision": 7}, REPO)
 
 
+def test_a_partly_cached_or_copied_model_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
+    """A shard the index names, or the tokenizer, missing from a Hub snapshot or a local copy: an error naming the
+    file and what to do, not a traceback from transformers."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).exists():
+            (sharded / name).write_bytes((tiny_model_dir / name).read_bytes())
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    no_tokenizer = {p.name: p.read_bytes() for p in sharded.iterdir() if not p.name.startswith("tokenizer")
+                    and p.name != "special_tokens_map.json"}
+    missing_shard = {p.name: p.read_bytes() for p in sharded.iterdir() if p != shards[-1]}
+    cache = tmp_path / "cache"
+    add_repo(cache, "part-org/no-shard", missing_shard)
+    add_repo(cache, "part-org/no-tokenizer", no_tokenizer)
+    _use_cache(monkeypatch, cache)
+    with pytest.raises(SourceError, match=rf"{shards[-1].name} is missing, which the model's files name; the Hugging "
+                                          r"Face cache holds only part of model 'part-org/no-shard'; fetch it again "
+                                          r"with network access \(`hf download part-org/no-shard`"):
+        qlorakit.load("part-org/no-shard", **CPU)
+    with pytest.raises(SourceError, match=r"cannot load the tokenizer \(.+\); the Hugging Face cache holds only part "
+                                          r"of model 'part-org/no-tokenizer'"):
+        qlorakit.load("part-org/no-tokenizer", **CPU)
+    shards[-1].unlink()
+    with pytest.raises(SourceError, match=rf"sharded: {shards[-1].name} is missing, which the model's files name; "
+                                          r"the model directory is incomplete: copy or save .*sharded again"):
+        qlorakit.load(str(sharded), **CPU)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 # case (as docs/errors.md names it), where it happens (a fixture), what provokes it, the message
@@ -384,6 +431,8 @@ CASES = [
     ("neither a path nor a Hub id", "offline", lambda: qlorakit.load("no-such-model", **CPU),
      r"model source 'no-such-model' does not exist\. Give a local Hugging Face model directory, a \.gguf file, a "
      r"Hugging Face Hub id such as Qwen/Qwen2\.5-0\.5B-Instruct \(org/name, or org/name@revision\)"),
+    ("missing .gguf file that reads like an id", "offline", lambda: qlorakit.load("models/mine.gguf", **CPU),
+     r"model source 'models/mine\.gguf' does not exist\. Give a local Hugging Face model directory, a \.gguf file"),
     ("revision given twice", "offline", lambda: qlorakit.load(f"{REPO}@main", revision="v2", **CPU),
      rf"model '{REPO}@main' names revision 'main' and revision='v2' another: give the revision once"),
     ("revision of a local source", "offline", lambda: qlorakit.load(qlorakit.DEFAULT_MODEL, revision="v2", **CPU),

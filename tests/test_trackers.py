@@ -436,3 +436,21 @@ def test_docs_list_the_messages(monkeypatch):
     messages.append(str(e.value))
     for message in messages:
         assert f"`{message}`" in section, message
+
+
+def test_a_tracker_that_cannot_start_is_a_clear_error(tiny_model_dir, place, monkeypatch):
+    """The tool's own start-up failing (here an MLflow store of an unknown kind) names the tracker, the tool's error
+    and what to check, instead of a traceback from inside the tool."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nowhere-scheme://store")
+    with pytest.raises(ConfigError, match=r"^report_to=mlflow: mlflow could not start its run \(\w+: .+\); check "
+                                          r"MLFLOW_TRACKING_URI \(unset: a SQLite store in the output\) and that its "
+                                          r"server answers; then run again with --overwrite$"):
+        _train(tiny_model_dir, place, report_to="mlflow")
+
+
+def test_an_output_path_that_mlflows_url_cannot_hold_is_refused_before_the_model_loads(place):
+    """A '?', '#' or '%' in the output's path would end or change the URL of MLflow's SQLite store in the output,
+    and MLflow would write beside the output: refused, before anything loads or is written."""
+    with pytest.raises(ConfigError, match=r"^report_to=mlflow: the output path '.*run\?x' holds '\?', which the "
+                                          r"URL of MLflow's SQLite store in the output cannot hold"):
+        _train("no-such-model-is-loaded", place, out="run?x", report_to="mlflow")

@@ -252,9 +252,12 @@ def save_adapter(model, out, cfg, precision, data=None):
 
     out = Path(out)
     # A Hub base (qlorakit.load's model.qlorakit_hub) is recorded as its id and the commit it resolved to, so that
-    # chat, eval, merge and export load the very weights it was trained on; any other as the source as given.
+    # chat, eval, merge and export load the very weights it was trained on; a local base as its absolute path (a
+    # relative one would name another directory, or read as a Hub id, from elsewhere); the default model by name.
     hub = getattr(model, "qlorakit_hub", None)
-    base_model, base_revision = (hub.repo_id, hub.commit) if hub is not None else (str(cfg.model), None)
+    local = Path(str(cfg.model)).expanduser()
+    base_model, base_revision = ((hub.repo_id, hub.commit) if hub is not None
+                                 else (str(local.resolve()) if local.exists() else str(cfg.model), None))
     with staged_files(out, order=("qlorakit.json", "README.md", *ADAPTER_FILES)) as tmp:
         peft_config = model.peft_config["default"]
         base_path, peft_revision = peft_config.base_model_name_or_path, peft_config.revision

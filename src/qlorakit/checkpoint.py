@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import TrainingError, show
+from .errors import ConfigError, TrainingError, show
 from .outputs import atomic_directory, is_disk_full
 
 _STEP_PREFIX = "step-"
@@ -250,7 +250,7 @@ def check_resumable(out: Path, config) -> dict:
     if not isinstance(saved, dict):
         raise TrainingError(f"{saved_path}: not the run's saved settings (a JSON object); start a new run "
                             "(--overwrite)")
-    changed = [k for k in SAME_RUN if k in saved and saved[k] != getattr(config, k)]
+    changed = [k for k in SAME_RUN if k in saved and _setting(k, saved[k]) != _setting(k, getattr(config, k))]
     if changed:
         k = changed[0]
         raise TrainingError(
@@ -258,6 +258,19 @@ def check_resumable(out: Path, config) -> dict:
             f"a resumed run must keep {', '.join(SAME_RUN)}"
         )
     return saved
+
+
+def _setting(key: str, value):
+    """A setting as a resume compares it: --field by the mapping it gives (flags in another order, or a YAML mapping,
+    name the same columns)."""
+    if key == "field":
+        from .config import parse_field_map
+
+        try:
+            return parse_field_map(value)
+        except ConfigError:
+            return value
+    return value
 
 
 def resumed_source(out: Path, saved: dict, source: str, log=print) -> tuple[str, str | None]:

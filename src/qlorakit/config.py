@@ -229,6 +229,9 @@ class TrainConfig:
             other = "validation" if self.validation else "validation_data"
             bad("validation_split", f"and {other}={show(getattr(self, other))} are both given; use one source of "
                 "validation data")
+        if self.validation_split is not None and self.validation_split == self.split:
+            bad("validation_split", f"is the split trained on (split={show(self.split)}): its loss would not measure "
+                "anything held out; name another split")
         try:
             self.field_map()
             self.trackers()

@@ -262,7 +262,7 @@ def locate_source(source: str | os.PathLike, revision: str | None = None, *,
                               "local source: drop the revision")
         return _local_source(source), None
     hub_id = parse_hub_id(source)  # (a str only: a Path object names a local path)
-    if hub_id is None:
+    if hub_id is None or Path(hub_id[0]).suffix.lower() == ".gguf":  # models/x.gguf: a missing file, not an id
         raise SourceError(
             f"model source '{source}' does not exist. Give a local Hugging Face model directory, a .gguf file, a "
             f"Hugging Face Hub id such as Qwen/Qwen2.5-0.5B-Instruct (org/name, or org/name@revision), or "
@@ -441,6 +441,9 @@ def load(
                 output_loading_info=True,
                 **extra,
             )
+    except FileNotFoundError as e:  # a file the index or config names is missing: a partial copy or download
+        raise SourceError(f"{directory}: {Path(e.filename or str(e)).name} is missing, which the model's files name; "
+                          f"{_fetch_again(source, hub)}") from None
     except RuntimeError as e:
         if "mismatched" not in str(e) and "size mismatch" not in str(e):
             raise
@@ -466,10 +469,23 @@ def load(
     model.qlorakit_hub = hub
     precision.attach(model)
 
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no tokenizer files, or damaged ones
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{directory}: cannot load the tokenizer ({show(first)}); {_fetch_again(source, hub)}"
+                          ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _fetch_again(source, hub) -> str:
+    """What to do about a model directory missing files: download a Hub model again, or fix a local copy."""
+    if hub is not None:
+        return (f"the Hugging Face cache holds only part of model '{hub.repo_id}'; fetch it again with network "
+                f"access (`hf download {hub.repo_id}`, or run without HF_HUB_OFFLINE=1)")
+    return f"the model directory is incomplete: copy or save {source} again"
 
 
 def quantization_summary(model) -> str:

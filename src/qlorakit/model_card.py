@@ -309,12 +309,14 @@ def _data_lines(config: dict, front: dict) -> list[str]:
         repo_id, _, revision = str(data).partition("@")
         shown = f"the Hub dataset [{repo_id}](https://huggingface.co/datasets/{front['datasets'][0]})"
         shown += f" at revision `{revision}`" if revision else ""
+    else:
+        kind = "dataset directory" if Path(str(data)).expanduser().is_dir() else "file"
+        shown = f"the local {kind} `{_home(str(data))}` (not on the Hub, so not in the metadata)"
+    if front.get("datasets") or Path(str(data)).expanduser().is_dir():  # what of the dataset was read
         for key, label in (("data_config", "configuration"), ("split", "split"),
                            ("validation_split", "validation split")):
             if config.get(key):
                 shown += f", {label} `{config[key]}`"
-    else:
-        shown = f"the local file `{_home(str(data))}` (not on the Hub, so not in the metadata)"
     lines = [f"- Data: {shown}"]
     if config.get("validation_data"):
         lines.append(f"- Validation data: `{_home(str(config['validation_data']))}`")

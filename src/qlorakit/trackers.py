@@ -39,6 +39,14 @@ from pathlib import Path
 from .errors import ConfigError, TrainingError, show
 from .outputs import atomic_write_json
 
+# What to check when a tracker cannot start a run.
+_START_HINTS = {
+    "tensorboard": "check that the output directory is writable",
+    "wandb": "log in with `wandb login` (or set WANDB_API_KEY), or log without a network with WANDB_MODE=offline",
+    "mlflow": "check MLFLOW_TRACKING_URI (unset: a SQLite store in the output) and that its server answers",
+}
+# Characters a path cannot hold inside MLflow's sqlite:/// URL: they end it or are decoded.
+_URL_CUTS = "?#%"
 RECORD = "trackers.json"  # in the output: each tracker's run id, what a --resume continues
 _RECORD_KEYS = {"wandb": {"id", "project"}, "mlflow": {"run_id", "tracking_uri"}}
 # The modules each tracker imports; mlflow's local store (no MLFLOW_TRACKING_URI) also needs SQLAlchemy's.
@@ -50,6 +58,11 @@ def check_trackers(names: tuple[str, ...], out: Path | None = None, resume: bool
     """Before minutes of model loading: import what each tracker in `names` needs (a missing or broken library is
     a ConfigError naming the extra that installs it) and, for a run that resumes in `out`, read the tracker runs it
     continues (trackers.json)."""
+    if "mlflow" in names:
+        # MLflow reports usage to its makers by default (a network call and an id file in the home directory);
+        # qlorakit touches the network only for what the user names. Set before mlflow is imported; a user's own
+        # MLFLOW_DISABLE_TELEMETRY=false stays.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     for name in names:
         needed = _MODULES[name]
         if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -64,6 +77,13 @@ def check_trackers(names: tuple[str, ...], out: Path | None = None, resume: bool
                          if module in _MLFLOW_LOCAL_STORE else "")
                 raise ConfigError(f"report_to={name}: the {module} package {why}{store}; install the extra: "
                                   f"pip install 'qlorakit[{name}]'") from None
+    if "mlflow" in names and out is not None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        cut = sorted(set(_URL_CUTS) & set(str(Path(out).resolve())))
+        if cut:
+            raise ConfigError(f"report_to=mlflow: the output path {str(out)!r} holds {', '.join(map(repr, cut))}, "
+                              "which the URL of MLflow's SQLite store in the output cannot hold (MLflow would write "
+                              "beside the output); choose an output path without them, or name a store with "
+                              "MLFLOW_TRACKING_URI")
     if names and resume:
         read_record(Path(out))
 
@@ -111,7 +131,12 @@ class Trackers:
         self.record = dict(saved)  # trackers of the interrupted run that this one does not open stay recorded
         kinds = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
         for name in names:
-            run = kinds[name](self.out, config, resume_step, saved.get(name), self.say)
+            try:
+                run = kinds[name](self.out, config, resume_step, saved.get(name), self.say)
+            except Exception as e:  # the tool's own start-up: no login, a store or server that does not answer
+                raise ConfigError(f"report_to={name}: {name} could not start its run ({type(e).__name__}: "
+                                  f"{show(str(e).strip().splitlines()[0] if str(e).strip() else '')}); "
+                                  f"{_START_HINTS[name]}; then run again with --overwrite") from None
             self.runs.append(run)
             if run.record is not None:
                 self.record[name] = run.record
@@ -224,7 +249,7 @@ class _MLflow:
         store = out.resolve() / "mlflow"
         if uri is None:
             store.mkdir(exist_ok=True)
-        local = f"sqlite:///{store / 'mlflow.db'}"
+        local = f"sqlite:///{store / 'mlflow.db'}"  # (check_trackers refused paths a URL would cut or change)
         self.client = MlflowClient(tracking_uri=uri or local)
         if saved:
             self.run_id = saved["run_id"]

@@ -21,7 +21,9 @@ from pathlib import Path
 from ..errors import ConfigError, DataError
 from .batches import Batch, MicroBatchStream, StreamedBatches, collate, epoch_order, micro_batches, split_validation
 from .files import Row, check_data_file, read_rows
-from .formats import FORMATS, Example, check_columns, check_field_map, detect_format, map_fields, to_example
+from .formats import (
+    FORMATS, Example, check_columns, check_field_map, check_fields_used, detect_format, map_fields, to_example,
+)
 from .hub import OpenedDataset, RowStream, is_dataset, open_dataset
 from .tokenize import (
     DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, Tokenized, TokenizeReport, check_trainable, encode_chat, encode_text,
@@ -211,6 +213,7 @@ def _examples(rows: list[Row], label: str, format: str, fields: dict[str, str], 
         format = detect_format(map_fields(rows[0], fields))
     elif format not in FORMATS:
         raise DataError(f"format={format!r} is not a data format; use auto or one of {', '.join(FORMATS)}")
+    check_fields_used(label, fields, format)
     examples, first_skipped = [], None
     for row in rows:
         try:
@@ -270,6 +273,7 @@ def read_data(
         fmt = detect_format(map_fields(first, fields)) if format == "auto" else format
         if fmt not in FORMATS:
             raise DataError(f"format={format!r} is not a data format; use auto or one of {', '.join(FORMATS)}")
+        check_fields_used(label, fields, fmt)
         if not skip_bad_rows:  # the first rows' problems, before the model loads
             for row in head:
                 to_example(map_fields(row, fields), fmt)

@@ -23,6 +23,8 @@ from .files import Row
 ROLES = ("system", "user", "assistant")
 # Every field a format reads: the TARGETs `--field TARGET=COLUMN` may name.
 FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion", "text")
+FORMAT_FIELDS = {"chat": ("messages", "conversations"), "instruction": ("instruction", "input", "output"),
+                 "prompt-completion": ("prompt", "completion"), "text": ("text",)}
 _SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
@@ -62,6 +64,17 @@ def check_field_map(mapping: dict[str, str]) -> None:
         if target not in FIELDS:
             raise ConfigError(f"--field {target}={column}: {target!r} is not a field of any data format; TARGET is "
                               f"one of {', '.join(FIELDS)}")
+
+
+def check_fields_used(where: str, mapping: dict[str, str], fmt: str) -> None:
+    """Every TARGET of `--field TARGET=COLUMN` is a field of the format the data is read as: a mapping the format
+    ignores would drop its column without a word (a row with messages and prompt/completion columns reads as chat)."""
+    unused = [target for target in mapping if target not in FORMAT_FIELDS[fmt]]
+    if unused:
+        target = unused[0]
+        raise DataError(f"{where}: --field {target}={mapping[target]} maps a field the {fmt} format does not read "
+                        f"(it reads {', '.join(FORMAT_FIELDS[fmt])}); name the format you mean with --format, or "
+                        "drop the mapping")
 
 
 def check_columns(where: str, columns, mapping: dict[str, str]) -> None:

@@ -95,6 +95,7 @@ class OpenedDataset:
     def _read(self, records: Iterator):
         """`records`, with what the Hub or datasets raises while they are read (a stream's files are fetched and
         parsed as it goes) as the DataError naming the dataset."""
+        import pyarrow
         from datasets.exceptions import DatasetsError
 
         from ..hub import hub_error, hub_exceptions
@@ -107,6 +108,9 @@ class OpenedDataset:
             raise hub_error(e, self.hub[0], "dataset", self.hub[1]) from e
         except DatasetsError as e:
             raise DataError(f"{self.label}: datasets cannot read its data files ({_first_line(e)})") from e
+        except pyarrow.ArrowException as e:  # a stream reads the files as it goes: pyarrow's word on them
+            raise DataError(f"{self.label}: datasets cannot read its data files ({type(e).__name__}: "
+                            f"{_first_line(e)})") from e
 
 
 class RowStream:
@@ -235,8 +239,14 @@ def _config_error(e: ValueError, path: str, revision: str | None, config: str | 
 
 
 def _first_line(e: BaseException) -> str:
+    """An error's first line, and its cause's (datasets wraps what went wrong, e.g. pyarrow's word on a file, in
+    "An error occurred while generating the dataset")."""
     text = str(e).strip()
-    return show(text.splitlines()[0]) if text else type(e).__name__
+    line = show(text.splitlines()[0]) if text else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    if cause is not None and cause is not e and str(cause).strip():
+        line += f": {type(cause).__name__}: {show(str(cause).strip().splitlines()[0])}"
+    return line
 
 
 def _config_names(path: str, revision: str | None, repo_id: str | None) -> list[str]:
