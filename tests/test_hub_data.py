@@ -98,8 +98,9 @@ def datasets_cache(tmp_path, monkeypatch):
 
     cache = tmp_path / "hf-datasets"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    # (datasets waits 5 s as each Parquet stream closes, for its reader threads: tests open many short ones)
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    # (datasets 5 waits 5 s as each Parquet stream closes, for its reader threads: tests open many short ones;
+    # older releases have no such wait)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
