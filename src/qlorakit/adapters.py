@@ -233,7 +233,7 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: b
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def save_adapter(model, out, cfg, precision, data=None):
+def save_adapter(model, out, cfg, precision, data=None, state: dict | None = None):
     """Save a training run's adapter into the directory `out`: PEFT's format (adapter_config.json,
     adapter_model.safetensors), its model card README.md (model_card.adapter_card) and qlorakit.json — how to load
     the base again (`cfg`: the run's TrainConfig; `precision` its Precision; `data` its TrainingData, for the format)
@@ -243,7 +243,10 @@ def save_adapter(model, out, cfg, precision, data=None):
     record names the new files, so until the last rename a reader finds a file missing or one that does not match
     the record (an earlier save's config or weights) and read_adapter_info refuses the directory; a kill never
     leaves files of two saves that load together. (Renaming one directory would be a single step, but PEFT reads
-    the files at the top of the directory the user names, which also holds the rest of the run.)"""
+    the files at the top of the directory the user names, which also holds the rest of the run.)
+
+    `state`: the trainable parameters whole, by name, for a model sharded by FSDP (distributed.full_trainable_state),
+    whose own parameters hold this rank's parts."""
     import json
     from pathlib import Path
 
@@ -266,7 +269,7 @@ def save_adapter(model, out, cfg, precision, data=None):
         try:
             # save_embedding_layers=False: qlorakit never adapts embeddings, and PEFT's "auto" asks the Hub for
             # the base's config.json when base_model_name_or_path is a name (the default model's is).
-            model.save_pretrained(tmp, save_embedding_layers=False)
+            model.save_pretrained(tmp, save_embedding_layers=False, state_dict=state)
         finally:
             peft_config.base_model_name_or_path, peft_config.revision = base_path, peft_revision
         record = {

@@ -60,7 +60,8 @@ def _join_state(value, tensors: dict):
     return value
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's random states: (tensors, plain values)."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -69,9 +70,14 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"python": [version, list(internal), gauss]}
 
 
-def _set_rng_state(tensors: dict, plain: dict) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+def _rank_prefix(rank: int) -> str:
+    return "" if rank == 0 else f"rank{rank}."  # rank 0's keys are those of a one-process checkpoint
+
+
+def _set_rng_state(tensors: dict, plain: dict, rank: int = 0) -> None:
+    prefix = _rank_prefix(rank)
+    torch.set_rng_state(tensors[f"{prefix}rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith(f"{prefix}rng.cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = plain["python"]
@@ -79,18 +85,27 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
 
 
 def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, scaler, position: dict,
-                    metrics: dict, keep_last: int, data: dict | None = None) -> Path:
+                    metrics: dict, keep_last: int, data: dict | None = None,
+                    rng_states: list[tuple[dict, dict]] | None = None, adapter_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write checkpoint `step` into `directory` atomically and prune to the newest `keep_last`. `data` is the
-    training data's fingerprint: a resume compares it with the data it is given."""
+    training data's fingerprint: a resume compares it with the data it is given. `rng_states`: every rank's
+    rng_state(), in rank order, on several processes (default: this process's). `adapter_state` and
+    `optimizer_state`: the trainable parameters and optimizer.state_dict() whole, for a sharded model (FSDP), whose
+    own hold this rank's parts (default: the model's and the optimizer's)."""
     directory = Path(directory)
     final = directory / f"{_STEP_PREFIX}{step:06d}"
     try:
         # (a checkpoint of the same step from an earlier, interrupted attempt is replaced once this one is whole)
         with atomic_directory(final) as tmp:
-            save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / "adapter.safetensors")
+            adapter_state = trainable_state(model) if adapter_state is None else adapter_state
+            save_file({k: v.contiguous() for k, v in adapter_state.items()}, tmp / "adapter.safetensors")
             opt_tensors: dict = {}
-            opt_plain = _split_state(optimizer.state_dict(), "optimizer", opt_tensors, {})
-            rng_tensors, rng_plain = _rng_state()
+            optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+            opt_plain = _split_state(optimizer_state, "optimizer", opt_tensors, {})
+            rng_states = rng_states or [rng_state()]
+            rng_tensors = {_rank_prefix(rank) + k: v for rank, (tensors, _) in enumerate(rng_states)
+                           for k, v in tensors.items()}
             save_file({k: v.contiguous().cpu() for k, v in (opt_tensors | rng_tensors).items()},
                       tmp / "state.safetensors")
             state = {
@@ -99,7 +114,9 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, sca
                 "optimizer": opt_plain,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_plain,
+                "rng": rng_states[0][1],
+                "world_size": len(rng_states),
+                "rng_ranks": [plain for _, plain in rng_states[1:]],  # ranks 1.. (their tensors: rankN.rng.*)
                 "metrics": metrics,
                 "data": data,
             }
@@ -190,9 +207,14 @@ def newest_intact_checkpoint(directory: Path, log=print) -> tuple[Path, dict]:
     )
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, contents: dict | None = None) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, contents: dict | None = None,
+                    rank: int = 0, load_optimizer=None) -> dict:
     """Restore a checkpoint into live objects; returns its JSON state (step, position, metrics, data).
-    `contents` is what read_checkpoint(path) returned, when the caller has read it already."""
+    `contents` is what read_checkpoint(path) returned, when the caller has read it already. On several processes
+    each rank restores its own random states (a rank the checkpoint has none for keeps its seeded ones: a resume on
+    another number of processes, which check_resumable allows only where randomness plays no part).
+    A sharded model (FSDP) takes each rank's part of the saved whole tensors; `load_optimizer(state)` then restores
+    the whole optimizer.state_dict() into its sharded optimizer (default: optimizer.load_state_dict)."""
     path = Path(path)
     contents = contents or read_checkpoint(path)
     state, tensors, adapter = contents["state"], contents["tensors"], contents["adapter"]
@@ -208,31 +230,46 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, contents: d
             if params[name].shape != value.shape:
                 raise TrainingError(f"{path}: {name} has shape {tuple(value.shape)} in the checkpoint, "
                                     f"{tuple(params[name].shape)} in the model; resume with the same rank")
-            params[name].copy_(value)
+            params[name].copy_(_part_of(value, params[name]))
     try:
-        optimizer.load_state_dict(_join_state(state["optimizer"], tensors))
+        (load_optimizer or optimizer.load_state_dict)(_join_state(state["optimizer"], tensors))
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(tensors, state["rng"])
+        plains = [state["rng"], *state.get("rng_ranks", [])]
+        if rank < len(plains):
+            _set_rng_state(tensors, plains[rank], rank)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise DamagedCheckpoint(f"{path}: checkpoint cannot be restored ({show(str(e))})") from None
     return state
+
+
+def _part_of(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`value`, a whole saved tensor, as `param` holds it: this rank's shard when FSDP sharded it (every rank has
+    the whole value, so none is sent), else as it is."""
+    from .upstream.bitsandbytes import is_dtensor
+
+    if not is_dtensor(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
 
 
 # ------------------------------------------------------------------------------------------------- resuming
 
 
 # What makes a resumed run the same run: a change to any of these since config.json was written is refused.
+# (batch_size: as the global batch, batch_size x processes, by check_world)
 SAME_RUN = ("model", "data", "data_config", "split", "field", "streaming", "quant", "double_quant", "rank", "alpha",
-            "rslora", "targets", "adapter", "seed", "batch_size", "grad_accum", "max_length", "packing", "train_on",
-            "format", "parse_special_tokens")
+            "rslora", "targets", "adapter", "seed", "grad_accum", "max_length", "packing", "train_on", "format",
+            "parse_special_tokens")
 
 
-def check_resumable(out: Path, config) -> dict:
-    """Refuse a --resume of `out` (a claimed run directory) that cannot continue the same run: no checkpoint, or
-    a setting of SAME_RUN different from what the run saved in config.json. Returns the saved settings ({} when
-    there is no config.json)."""
+def check_resumable(out: Path, config, world: int = 1) -> dict:
+    """Refuse a --resume of `out` (a claimed run directory) that cannot continue the same run: no checkpoint, a
+    setting of SAME_RUN different from what the run saved in config.json, or another global batch (check_world).
+    `world`: the processes this resume runs on. Returns the saved settings ({} when there is no config.json)."""
     out = Path(out)
     if not list_checkpoints(out / "checkpoints"):
         raise TrainingError(
@@ -257,7 +294,34 @@ def check_resumable(out: Path, config) -> dict:
             f"{out}: --resume with {k}={show(getattr(config, k))}, but the run was started with {k}={show(saved[k])}; "
             f"a resumed run must keep {', '.join(SAME_RUN)}"
         )
+    check_world(out, saved, config, world)
     return saved
+
+
+def check_world(out: Path, saved: dict, config, world: int) -> None:
+    """A resume on another number of processes continues the run exactly when the global micro-batch (batch_size x
+    processes) is the one the run had — its batches are then the same examples, from the same position — and no
+    randomness is drawn per process (LoRA dropout: each rank draws from its own stream). Anything else is refused."""
+    if "batch_size" not in saved:
+        return
+    was_world = saved.get("world_size", 1)
+    was, now = saved["batch_size"] * was_world, config.batch_size * world
+    started = f"{was_world} process{'es' if was_world > 1 else ''} x batch_size {saved['batch_size']}"
+    resumed = f"{world} process{'es' if world > 1 else ''} x batch_size {config.batch_size}"
+    if was != now:
+        fits = [f"--batch-size {was // world} on {world} process{'es' if world > 1 else ''}"] if was % world == 0 else []
+        raise TrainingError(
+            f"{out}: the run was started on {started} ({was} examples a micro-batch); this resume has {resumed} "
+            f"({now}), which would train on other batches. Resume with the run's global batch: "
+            + " or ".join([f"--batch-size {saved['batch_size']} on {was_world} process{'es' if was_world > 1 else ''}",
+                           *fits])
+        )
+    if world != was_world and config.dropout > 0:
+        raise TrainingError(
+            f"{out}: the run was started on {started}; this resume has {resumed}. With LoRA dropout ({config.dropout:g}) "
+            f"each process draws its masks from its own random stream, and {was_world} stream(s) cannot continue as "
+            f"{world}: resume on {was_world} process{'es' if was_world > 1 else ''}"
+        )
 
 
 def _setting(key: str, value):

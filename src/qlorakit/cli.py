@@ -31,18 +31,44 @@ BASE_HELP = ("what the adapter's delta is added to: quantized (default), the bas
 
 def _train(args) -> int:
     from .demo import run_demo
+    from .distributed import launch, launched, launched_rank
     from .train import train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig.build(args.config, **flags)
+    config = TrainConfig.build(args.config, **flags)  # checked here, before torchrun starts processes
+    if args.nproc_per_node is not None:
+        if launched():
+            raise ConfigError("--nproc-per-node starts torchrun, and this process is one that a launcher (torchrun, "
+                              "accelerate launch) started already: leave --nproc-per-node to the launcher")
+        if config.data is None:
+            raise ConfigError("--nproc-per-node trains on several processes, and the built-in demo (no --data) runs "
+                              "on one: give --data, or leave --nproc-per-node out")
+        return launch(_without_nproc(args.argv), args.nproc_per_node)
     if config.data is None:
+        if launched():
+            raise ConfigError("the built-in demo (no --data) runs on one process; under torchrun give --data")
         settings = (read_yaml(args.config) if args.config else {}) | {k: v for k, v in flags.items() if v is not None}
         demo = run_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
         return 0 if demo["after"]["accuracy"] > demo["before"]["accuracy"] else 1
     run = train(config, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"adapter (PEFT format) written to {run.output.resolve()}: adapter_config.json, adapter_model.safetensors;"
-          f" metrics.jsonl, loss.png, config.json beside it")
+    if launched_rank() == 0:
+        print(f"adapter (PEFT format) written to {run.output.resolve()}: adapter_config.json, "
+              "adapter_model.safetensors; metrics.jsonl, loss.png, config.json beside it")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The train command's arguments for each process torchrun starts: those given, less --nproc-per-node."""
+    rest = list(argv[argv.index("train") + 1:])
+    out, skip = [], False
+    for arg in rest:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            out.append(arg)
+    return out
 
 
 def _load_with_adapter(args):
@@ -331,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--nproc-per-node", type=int, metavar="N",
+                       help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun. "
+                       "For several nodes run torchrun yourself (README: Several GPUs or nodes)")
     train.set_defaults(func=_train)
 
     chat = sub.add_parser("chat", help="chat with a base model and adapter (interactive, or one --prompt)",
@@ -456,15 +485,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except QLoraKitError as e:
-        print(f"qlorakit: error: {e}", file=sys.stderr)
+        if not getattr(e, "from_main", False):  # an error rank 0 raised and said is not repeated by every rank
+            print(f"qlorakit: error{_rank_label()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qlorakit: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank_label() -> str:
+    """' (rank N of M)' in a process of a run on several, where every rank may say the same."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
 
 
 if __name__ == "__main__":

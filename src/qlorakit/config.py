@@ -111,6 +111,8 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward")
     offload_activations: bool = option(False, "CUDA: with gradient checkpointing, keep each layer's saved input "
                                        "in CPU memory")
+    fsdp: bool = option(False, "on several processes: shard the frozen quantized base across them (FSDP2, "
+                        "per decoder layer) instead of a copy on each")
     seed: int = option(0, "seed for adapters, data order and dropout")
 
     output: str = option("qlorakit-run", "run directory: adapter, config, metrics, checkpoints", heading="run")

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .data import Example, Tokenized, collate
+from .data.batches import share
 from .errors import DataError
 from .generation import generate
 from .precision import precision_of
@@ -14,11 +15,15 @@ from .loss import batch_loss
 
 
 @torch.no_grad()
-def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 8, packed: bool = True) -> dict:
-    """Mean loss per trained token over `items`, and its perplexity."""
+def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 8, packed: bool = True,
+              processes=None) -> dict:
+    """Mean loss per trained token over `items`, and its perplexity. On several processes (`processes`, from
+    distributed.join_run) each rank evaluates its share and the sums are added up."""
     precision = precision_of(model)
     device = next(p.device for p in model.parameters())
     was_training = model.training
+    if processes is not None and processes.distributed:
+        items = share(items, processes.rank, processes.world)
     model.eval()
     total, tokens = 0.0, 0
     try:
@@ -30,6 +35,9 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 8, p
             tokens += n
     finally:
         model.train(was_training)
+    if processes is not None and processes.distributed:
+        total, tokens = processes.sum([total, tokens], device)
+        tokens = int(tokens)
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 

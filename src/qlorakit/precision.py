@@ -248,14 +248,23 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.compute)
 
-    def grad_scaler(self, init_scale: float = 2.0**10) -> torch.amp.GradScaler | None:
+    def grad_scaler(self, init_scale: float = 2.0**10, sharded: bool = False) -> torch.amp.GradScaler | None:
         """A GradScaler exactly when the compute dtype is fp16, else None.
 
         It starts at 2^10, not torch's 2^16: at 2^16 the scaled gradients of a LoRA fine-tune overflow fp16 in the
         first steps, which the scaler then skips (measured on SmolLM2-135M: the first 2 of 15 steps lost), so an
         fp16 run trails its bf16 and fp32 twins. The scaler still grows the scale when it can.
+
+        `sharded` (FSDP: each rank holds a part of every gradient): torch's ShardedGradScaler, which sums its
+        found-inf over the ranks, so that all of them skip a step, or none.
         """
-        return torch.amp.GradScaler(self.device_type, init_scale=init_scale) if self.uses_grad_scaler else None
+        if not self.uses_grad_scaler:
+            return None
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device_type, init_scale=init_scale)
+        return torch.amp.GradScaler(self.device_type, init_scale=init_scale)
 
     def trainer_flags(self) -> dict[str, bool]:
         """The fp16/bf16 flags of transformers' TrainingArguments (and TRL's configs) that match this policy."""
@@ -315,7 +324,7 @@ class Precision:
             quantized += 1
             if kind != "4bit":
                 continue
-            if bnb.repacked_for_cpu(module.weight):
+            if bnb.repacked_for_cpu(module):
                 raise PrecisionError(
                     f"{name}: bitsandbytes repacked this 4-bit layer for its bf16 CPU inference kernel, which "
                     "rounded its block scales to bf16 (rule 1: every 4-bit layer dequantizes to the compute dtype). "

@@ -7,6 +7,10 @@ A step: autocast in the compute dtype, loss in fp32, each micro-batch's loss div
 whole accumulated step (so accumulation equals one big batch), a GradScaler exactly under fp16, clipping on
 unscaled gradients. A non-finite loss under fp16 is the scaler's skipped step; under fp32/bf16 it stops the run
 before the optimizer touches the weights.
+
+On several processes (distributed.py, launched by torchrun) each rank runs the same step on its share of the
+global micro-batches; the trained tokens are counted over all ranks and DDP sums the adapters' gradients, so the
+step is the one a single process takes on the whole global batch. Rank 0 alone writes the run's files.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import torch
 from .adapters import add_lora, load_adapter, read_adapter_info, save_adapter
 from .checkpoint import (
     check_resumable, check_same_data, data_fingerprint, list_checkpoints, load_checkpoint, newest_intact_checkpoint,
-    resumed_dtype, resumed_source, save_checkpoint,
+    resumed_dtype, resumed_source, rng_state, save_checkpoint,
 )
 from .config import OPTIMIZER_RANGES, TrainConfig
 from .data import IGNORE_INDEX, Batch, load_data, pad_id_of, read_data
+from .distributed import (
+    Processes, device_of, full_optimizer_state, full_trainable_state, join_run, load_full_optimizer_state, shard, wrap,
+)
 from .errors import ConfigError, TrainingError, check_number
 from .evaluate import eval_loss
 from .load import load, quantization_summary
@@ -57,7 +64,8 @@ class TrainStep:
     """
 
     def __init__(self, model, lr: float = 2e-4, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None, processes: Processes | None = None,
+                 fsdp: bool = False):
         _check_number("max_grad_norm", max_grad_norm, allow_none=True)
         if optimizer is None:
             _check_number("lr", lr)
@@ -75,12 +83,19 @@ class TrainStep:
             )
         self.model = model
         self.precision = precision_of(model)
-        self.scaler = self.precision.grad_scaler()
+        self.scaler = self.precision.grad_scaler(sharded=fsdp)
         self.precision.check(model, self.scaler)
+        self.processes = processes or Processes()
+        # fsdp: the base sharded across the ranks (distributed.shard; its root computes the loss, as DDP's wrapper
+        # does), before the optimizer is made: sharding replaces the parameters (a given optimizer follows them)
+        self.fsdp = shard(model, self.processes, optimizer) if fsdp else None
+        if self.fsdp is not None:
+            self.precision.check(model, self.scaler)  # the policy holds on the sharded model too
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
         self.device = self.params[0].device
+        self.ddp = wrap(model, self.processes) if self.fsdp is None else None  # None on one process
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask=None) -> StepResult:
         """A step on one padded micro-batch; labels default to the input ids outside the attention mask."""
@@ -92,21 +107,40 @@ class TrainStep:
         return self.run([Batch(input_ids, labels, positions, attention_mask)])
 
     def run(self, batches: list[Batch]) -> StepResult:
-        """A step over accumulated micro-batches, normalised by their trained tokens together."""
+        """A step over accumulated micro-batches, normalised by their trained tokens together (on several
+        processes: by those of every rank's micro-batches)."""
         self.model.train()
+        processes, world = self.processes, self.processes.world
         total_tokens = sum(b.trained_tokens for b in batches)
+        if processes.distributed:
+            total_tokens = int(processes.sum([total_tokens], self.device)[0])
         loss_total = 0.0
-        for batch in batches:
+        wrapper = self.ddp if self.ddp is not None else self.fsdp
+        for i, batch in enumerate(batches):
             batch = batch.to(self.device)
-            with self.precision.autocast():
-                loss_sum, _ = batch_loss(self.model, batch.model_inputs(), batch.labels)
-            loss = loss_sum / max(total_tokens, 1)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss_total += float(loss.detach())
+            last = i == len(batches) - 1
+            if self.fsdp is not None:  # FSDP's no_sync: gradients reduced on the step's last micro-batch only
+                self.fsdp.set_requires_gradient_sync(last)
+            with processes.no_sync(self.ddp, last=last):
+                with self.precision.autocast():
+                    if wrapper is None:
+                        loss_sum, _ = batch_loss(self.model, batch.model_inputs(), batch.labels)
+                    else:
+                        loss_sum, _ = wrapper(batch.model_inputs(), batch.labels)
+                # DDP (and FSDP) average the ranks' gradients; x world makes that their sum, the gradient of the
+                # global loss
+                loss = loss_sum / max(total_tokens, 1) if world == 1 else loss_sum * world / max(total_tokens, 1)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_total += float(loss.detach()) / world
+        if processes.distributed:
+            loss_total = processes.sum([loss_total], self.device)[0]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if self.fsdp is not None:  # over the sharded gradients: the norm of the whole, as a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
         if self.scaler is not None:
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -181,10 +215,11 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     claims = []  # the output's claim, taken by _train once the config is known; released however the run ends
     trackers = []  # the run's Trackers, opened by _train; closed before the claim is released (which may remove
     # the run's files), a run that raised marked failed
+    groups = []  # the process group _train set up on several processes, taken down however the run ends
     try:
         try:
             result = _train(config, loaded=loaded, overwrite=overwrite, log=log, progress=progress, claims=claims,
-                            trackers=trackers, **overrides)
+                            trackers=trackers, groups=groups, **overrides)
         except BaseException as e:
             for tracker in trackers:
                 tracker.close(error=e)
@@ -207,11 +242,14 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     finally:
         for claim in claims:
             claim.release()
+        for processes in groups:
+            processes.close()
 
 
-def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: list, **overrides) -> RunResult:
-    """The run, top to bottom; its output's claim goes into `claims`, which train() releases, and its trackers into
-    `trackers`, which train() closes."""
+def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: list, groups: list,
+           **overrides) -> RunResult:
+    """The run, top to bottom; its output's claim goes into `claims`, which train() releases, its trackers into
+    `trackers`, which train() closes, and a process group it set up into `groups`."""
     if not isinstance(config, TrainConfig):
         config = TrainConfig.build(config, **overrides)
     elif overrides:
@@ -220,14 +258,27 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
         config.validate()  # a TrainConfig made or changed in Python has not been checked yet
     cfg = config
     out = Path(cfg.output)
+    # The run's processes: one, or those torchrun started (each runs all of this; rank 0 alone writes and speaks).
+    processes = join_run(cfg.device)
+    groups.append(processes)
+    main = processes.is_main
+    if not main:
+        log, progress = (lambda *args, **kwargs: None), False
+
     # 0. Checks before minutes of model loading: the output (claimed: locked, an earlier run refused without
     # --overwrite), what a resume must keep, the data files, the adapter to continue.
-    output = claim_run_directory(out, overwrite=overwrite, resume=cfg.resume)
-    claims.append(output)
-    saved, resume_from, resume_contents = {}, None, None
-    if cfg.resume:
-        saved = check_resumable(out, cfg)
-        resume_from, resume_contents = newest_intact_checkpoint(out / "checkpoints", log)
+    def claim_output():  # rank 0's; a resume's checkpoint, read there, reaches every rank
+        output = claim_run_directory(out, overwrite=overwrite, resume=cfg.resume)
+        claims.append(output)
+        saved, resume_from, resume_contents = {}, None, None
+        if cfg.resume:
+            saved = check_resumable(out, cfg, processes.world)
+            resume_from, resume_contents = newest_intact_checkpoint(out / "checkpoints", log)
+        check_trackers(cfg.trackers(), out, cfg.resume)  # --report-to: the libraries, the tracker runs to continue
+        return saved, resume_from, resume_contents
+
+    saved, resume_from, resume_contents = processes.on_main(claim_output)
+    output = claims[0] if main else None
     if cfg.data is None:
         raise ConfigError("no training data: pass --data FILE (or data: in the YAML config)")
     if cfg.streaming and not cfg.max_steps:
@@ -238,8 +289,7 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
         )
     if cfg.adapter is not None:
         read_adapter_info(cfg.adapter)  # missing, broken, or files of two saves
-    check_trackers(cfg.trackers(), out, cfg.resume)  # --report-to: the libraries, the tracker runs to continue
-    device = resolve_device(cfg.device) if loaded is None else next(loaded[0].parameters()).device
+    device = resolve_device(device_of(processes, cfg.device)) if loaded is None else next(loaded[0].parameters()).device
     if cfg.offload_activations and device.type != "cuda":
         raise ConfigError(
             f"offload_activations=true moves activations from a CUDA device to CPU memory; this run is on "
@@ -267,7 +317,7 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
         compute = Precision.resolve(asked, device=device).compute
         source, revision = resumed_source(out, saved, cfg.model, log) if cfg.resume else (cfg.model, None)
         model, tokenizer = load(source, quant=cfg.quant, double_quant=cfg.double_quant, dtype=compute,
-                                device=cfg.device, trust_remote_code=cfg.trust_remote_code, revision=revision)
+                                device=str(device), trust_remote_code=cfg.trust_remote_code, revision=revision)
     pad_id = pad_id_of(tokenizer)
 
     # 2. The data: examples -> token ids and labels (streamed: as the loop needs them).
@@ -302,11 +352,14 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
     # 4. Optimizer and schedule.
     # A step's micro-batches are all held at once: bound them by the data (streamed data: None here, checked as its
     # first epoch is read; the run's length is then --max-steps).
-    micro_per_epoch = data.micro_batches_per_epoch(cfg.batch_size)
+    # On several processes a micro-batch is global: batch_size examples on each.
+    global_batch = cfg.batch_size * processes.world
+    micro_per_epoch = data.micro_batches_per_epoch(global_batch)
     if micro_per_epoch is not None and cfg.grad_accum > micro_per_epoch:
+        per = f"{cfg.batch_size} on each of {processes.world} processes" if processes.distributed else cfg.batch_size
         raise ConfigError(
             f"grad_accum={cfg.grad_accum} is more micro-batches than the data holds ({len(data.train)} examples in "
-            f"batches of {cfg.batch_size}: {micro_per_epoch}); one optimizer step would pass over the data more than "
+            f"batches of {per}: {micro_per_epoch}); one optimizer step would pass over the data more than "
             f"once: use grad_accum of at most {micro_per_epoch}"
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(micro_per_epoch / cfg.grad_accum)))
@@ -318,14 +371,21 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
         )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-    step_fn = TrainStep(model, optimizer=optimizer, max_grad_norm=cfg.max_grad_norm)
+    step_fn = TrainStep(model, optimizer=optimizer, max_grad_norm=cfg.max_grad_norm, processes=processes,
+                        fsdp=cfg.fsdp)
+    if processes.rank:  # the adapters start equal everywhere (rank 0's); LoRA dropout draws per rank
+        torch.manual_seed(cfg.seed + processes.rank)
     scheduler = make_scheduler(optimizer, cfg.schedule, warmup, total_steps)
 
     # 5. Resume: weights, optimizer, schedule, scaler, RNG and data position from the newest checkpoint.
     start_step, position, last_checkpoint = 0, {"epoch": 0, "micro": 0}, None
     if cfg.resume:
         last_checkpoint = resume_from
-        state = load_checkpoint(last_checkpoint, model, optimizer, scheduler, step_fn.scaler, resume_contents)
+        # (sharded: the whole saved tensors, each rank keeping its part)
+        load_optimizer = None if step_fn.fsdp is None else (
+            lambda whole: load_full_optimizer_state(step_fn.fsdp, optimizer, whole))
+        state = load_checkpoint(last_checkpoint, model, optimizer, scheduler, step_fn.scaler, resume_contents,
+                                rank=processes.rank, load_optimizer=load_optimizer)
         resume_contents = None  # its tensors are in the model and optimizer now
         # The optimizer's saved learning rate is the old schedule's for this step; a resume that changes the run's
         # length (max_steps, epochs) must continue on the new schedule, as a run of that length would.
@@ -333,17 +393,24 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
             group["lr"] = base * factor(scheduler.last_epoch)
         start_step, position = state["step"], state["position"]
         log(f"resumed from {last_checkpoint} (step {start_step} of {total_steps})")
-    output.replace_previous()  # every check has passed: an earlier run moves aside, the new one starts writing
     # (dtype as asked, compute_dtype as resolved: what a --resume continues in)
     # (+ the commit of a Hub base: what a --resume loads again, whatever the id's branch says by then)
+    # (+ the processes: a resume on another number must keep the global batch)
     hub = getattr(model, "qlorakit_hub", None)
     run_config = cfg.to_dict() | {"compute_dtype": dtype_name(precision.compute),
-                                  "base_revision": hub.commit if hub is not None else None}
-    atomic_write_json(out / "config.json", run_config)
-    trackers.append(Trackers(out, log))
-    trackers[0].open(cfg.trackers(), run_config, resume_step=start_step if cfg.resume else None)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if cfg.resume else None, trackers=trackers[0])
-    stream = data.batches(cfg.batch_size, cfg.seed, pad_id, cfg.packing, position, cfg.grad_accum)
+                                  "base_revision": hub.commit if hub is not None else None,
+                                  "world_size": processes.world}
+
+    def start_writing():  # rank 0's
+        output.replace_previous()  # every check has passed: an earlier run moves aside, the new one starts writing
+        atomic_write_json(out / "config.json", run_config)
+        trackers.append(Trackers(out, log))
+        trackers[0].open(cfg.trackers(), run_config, resume_step=start_step if cfg.resume else None)
+        return MetricsLog(out / "metrics.jsonl", resume_step=start_step if cfg.resume else None, trackers=trackers[0])
+
+    metrics = processes.on_main(start_writing, send=False)  # None on the other ranks
+    stream = data.batches(cfg.batch_size, cfg.seed, pad_id, cfg.packing, position, cfg.grad_accum,
+                          processes.rank, processes.world)
 
     # 6. The loop.
     bar = None
@@ -376,6 +443,8 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
         scheduler.step()
         seconds = time.perf_counter() - tick
         real_tokens = sum(b.real_tokens for b in batches)
+        if processes.distributed:  # the run's: every rank's tokens (and rank 0's clock and memory)
+            real_tokens = int(processes.sum([real_tokens], step_fn.device)[0])
         record = {"step": step, "epoch": round(stream.progress, 4),
                   "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                   "trained_tokens": result.tokens, "tokens": real_tokens,
@@ -383,35 +452,61 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
                   "elapsed_s": time.perf_counter() - started}
         if step_fn.scaler is not None:  # fp16: the loss scale the next step starts with
             record["scale"] = step_fn.scaler.get_scale()
-        record |= peak_memory(step_fn.device)
-        if step % cfg.log_every == 0 or step == total_steps:
+        memory = peak_memory(step_fn.device)
+        if processes.distributed:  # every rank's peak, in rank order; the run's key holds the largest
+            (key, mine), = memory.items()
+            by_rank = processes.sum([mine if rank == processes.rank else 0.0 for rank in range(processes.world)],
+                                    step_fn.device)
+            memory = {key: max(by_rank), f"{key}_by_rank": by_rank}
+        record |= memory
+        if main and (step % cfg.log_every == 0 or step == total_steps):
             metrics.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{real_tokens / seconds:.0f}")
             bar.update(1)
         if data.validation and cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-            last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing)
-            metrics.write({"step": step, "eval_loss": last_eval["loss"], "eval_perplexity": last_eval["perplexity"]})
+            last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing, processes)
+            if main:
+                metrics.write({"step": step, "eval_loss": last_eval["loss"],
+                               "eval_perplexity": last_eval["perplexity"]})
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
             refuse_non_finite(step, "checkpoint")
-            last_checkpoint = save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                                              step_fn.scaler, stream.position, record, cfg.keep_last, fingerprint)
-            output.commit()  # the new run can go on from here: an earlier run it replaces is deleted
+            rng_states = processes.gather(rng_state())  # every rank's, written by rank 0
+            # sharded: the adapter and optimizer state gathered whole (every rank takes part), written by rank 0
+            whole = {} if step_fn.fsdp is None else {
+                "adapter_state": full_trainable_state(step_fn.fsdp),
+                "optimizer_state": full_optimizer_state(step_fn.fsdp, optimizer)}
+
+            def save(step=step, record=record):
+                saved = save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler, step_fn.scaler,
+                                        stream.position, record, cfg.keep_last, fingerprint, rng_states, **whole)
+                output.commit()  # the new run can go on from here: an earlier run it replaces is deleted
+                return saved
+
+            last_checkpoint = processes.on_main(save)
     if bar is not None:
         bar.close()
 
     # 7. Outputs: final evaluation, the adapter (PEFT format), metrics, loss curve.
     refuse_non_finite(total_steps, "adapter")
     if data.validation:
-        last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing)
-        metrics.write({"step": total_steps, "eval_loss": last_eval["loss"],
-                       "eval_perplexity": last_eval["perplexity"]})
+        last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing, processes)
         log(f"validation: loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f} "
             f"({last_eval['tokens']} tokens)")
-    save_adapter(model, out, cfg, precision, data)
-    output.commit()
-    records = metrics.read()
-    plot_loss_curve(records, out / "loss.png", title=f"{Path(str(cfg.model)).name} r={cfg.rank}")
+
+    whole = None if step_fn.fsdp is None else full_trainable_state(step_fn.fsdp)  # sharded: gathered by every rank
+
+    def write_outputs():  # rank 0's; the records reach every rank
+        if last_eval is not None and data.validation:
+            metrics.write({"step": total_steps, "eval_loss": last_eval["loss"],
+                           "eval_perplexity": last_eval["perplexity"]})
+        save_adapter(model, out, cfg, precision, data, state=whole)
+        output.commit()
+        records = metrics.read()
+        plot_loss_curve(records, out / "loss.png", title=f"{Path(str(cfg.model)).name} r={cfg.rank}")
+        return records
+
+    records = processes.on_main(write_outputs)
     hint = still_falling(records)
     if hint:
         log(f"note: {hint}")

@@ -151,16 +151,18 @@ class TrainingData:
                 "as training needs them")
 
     def micro_batches_per_epoch(self, batch_size: int) -> int | None:
-        """None when streamed: the number of examples is known only once an epoch has been read."""
+        """None when streamed: the number of examples is known only once an epoch has been read. `batch_size`: of
+        a global micro-batch, on several processes."""
         return None if self.streamed else math.ceil(len(self.train) / batch_size)
 
     def batches(self, batch_size: int, seed: int, pad_id: int, packed: bool, position: dict,
-                grad_accum: int = 1) -> MicroBatchStream | StreamedBatches:
-        """The run's micro-batches from `position` (a checkpoint's, or the start's {"epoch": 0, "micro": 0})."""
+                grad_accum: int = 1, rank: int = 0, world: int = 1) -> MicroBatchStream | StreamedBatches:
+        """The run's micro-batches from `position` (a checkpoint's, or the start's {"epoch": 0, "micro": 0}); on
+        `world` processes, rank `rank`'s shares of global micro-batches of world x batch_size examples."""
         if not self.streamed:
-            return MicroBatchStream(self.train, batch_size, seed, pad_id, packed, position)
+            return MicroBatchStream(self.train, batch_size, seed, pad_id, packed, position, rank, world)
         return StreamedBatches(self.train.items, batch_size, pad_id, packed, position, grad_accum,
-                               self.train.examples.num_rows)
+                               self.train.examples.num_rows, rank, world)
 
     def fingerprinted(self) -> "TrainingData":
         """The data a checkpoint's fingerprint covers (checkpoint.data_fingerprint): all of it; of streamed data, the

@@ -2,7 +2,10 @@
 default) or right-padded rows.
 
 Packed: the examples of a micro-batch are laid end to end in one row, with position ids restarting at 0 for each
-and no attention mask. transformers' masking (sdpa and eager attention) reads the restarts from the position ids and
+and no attention mask.
+
+On several processes (distributed.py) a micro-batch is global: world x batch_size examples, of which each rank
+collates its contiguous share; the order, the positions and the epochs are those of one process with that batch. transformers' masking (sdpa and eager attention) reads the restarts from the position ids and
 builds a block-diagonal causal mask, so no token attends across examples; flash-attention kernels use the same
 position ids for their variable-length path. With attention implementations that ignore position ids for masking
 (none of the Llama-family ones in transformers 5), examples would see their predecessors in the row; `packing=False`
@@ -28,6 +31,7 @@ class Batch:
     labels: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None  # None when packed
+    placeholder: bool = False  # a rank's empty share of a global micro-batch (see `placeholder`)
 
     @property
     def trained_tokens(self) -> int:
@@ -35,11 +39,14 @@ class Batch:
 
     @property
     def real_tokens(self) -> int:
+        if self.placeholder:
+            return 0
         return self.input_ids.numel() if self.attention_mask is None else int(self.attention_mask.sum())
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask))
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
+                     self.placeholder)
 
     def model_inputs(self) -> dict:
         # use_cache=False: with a cache transformers does not look for packed sequences in the position ids.
@@ -67,6 +74,26 @@ def collate(items: list[Tokenized], pad_id: int, packed: bool = True) -> Batch:
     return Batch(ids, labels, positions, mask)
 
 
+def placeholder(pad_id: int) -> Batch:
+    """What a rank runs when its share of a global micro-batch is empty (the data's last micro-batch, smaller than
+    the ranks): two pad tokens, nothing trained. Its backward gives zero gradients, and every rank takes part in each
+    gradient sum, as DDP needs."""
+    row = torch.tensor([[pad_id, pad_id]], dtype=torch.long)
+    return Batch(row, torch.full_like(row, IGNORE_INDEX), torch.tensor([[0, 1]]), None, placeholder=True)
+
+
+def share(items: list, rank: int, world: int) -> list:
+    """Rank `rank`'s contiguous share of a global micro-batch: batch_size items each when it is whole, sizes
+    differing by at most one when it is not."""
+    n = len(items)
+    return items[rank * n // world : (rank + 1) * n // world]
+
+
+def collate_share(items: list[Tokenized], pad_id: int, packed: bool, rank: int, world: int) -> Batch:
+    mine = share(items, rank, world)
+    return collate(mine, pad_id, packed) if mine else placeholder(pad_id)
+
+
 def epoch_order(n_items: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
     """The order of the examples in `epoch`: a function of (seed, epoch) only, so a resumed run sees the same."""
     order = list(range(n_items))
@@ -83,16 +110,18 @@ def micro_batches(items: list[Tokenized], batch_size: int, epoch: int, seed: int
 
 class MicroBatchStream:
     """The training run's micro-batches in a deterministic order, epoch after epoch, from a saved position
-    ({"epoch", "micro"}: what a checkpoint records, so a resumed run takes the same batches)."""
+    ({"epoch", "micro"}: what a checkpoint records, so a resumed run takes the same batches). On several processes
+    its micro-batches are global (world x batch_size examples) and `take` gives this rank's share."""
 
     def __init__(self, items: list[Tokenized], batch_size: int, seed: int, pad_id: int, packed: bool,
-                 position: dict):
+                 position: dict, rank: int = 0, world: int = 1):
         if "rows" in position:  # a streamed run's: its epochs are in another order
             raise TrainingError("the checkpoint's data position is a streamed run's (--streaming), and this run "
                                 "reads the data whole: resume with --streaming, as the run started")
-        self.items, self.batch_size, self.seed, self.pad_id, self.packed = items, batch_size, seed, pad_id, packed
+        self.items, self.seed, self.pad_id, self.packed = items, seed, pad_id, packed
+        self.batch_size, self.rank, self.world = batch_size * world, rank, world
         self.epoch, self.index = position["epoch"], position["micro"]
-        self._epoch_batches = micro_batches(items, batch_size, self.epoch, seed)
+        self._epoch_batches = micro_batches(items, self.batch_size, self.epoch, seed)
 
     @property
     def position(self) -> dict:
@@ -109,7 +138,7 @@ class MicroBatchStream:
             if self.index >= len(self._epoch_batches):
                 self.epoch, self.index = self.epoch + 1, 0
                 self._epoch_batches = micro_batches(self.items, self.batch_size, self.epoch, self.seed)
-            out.append(collate(self._epoch_batches[self.index], self.pad_id, self.packed))
+            out.append(collate_share(self._epoch_batches[self.index], self.pad_id, self.packed, self.rank, self.world))
             self.index += 1
         return out
 
@@ -125,11 +154,13 @@ class StreamedBatches:
     batches after them."""
 
     def __init__(self, items: Callable[[int, int], Iterator[tuple[int, Tokenized]]], batch_size: int, pad_id: int,
-                 packed: bool, position: dict, grad_accum: int = 1, num_rows: int | None = None):
+                 packed: bool, position: dict, grad_accum: int = 1, num_rows: int | None = None, rank: int = 0,
+                 world: int = 1):
         if "rows" not in position and (position["epoch"], position["micro"]) != (0, 0):
             raise TrainingError("the checkpoint's data position is that of a run that read the data whole, and "
                                 "this run streams it (--streaming): resume without --streaming, as the run started")
-        self.items, self.batch_size, self.pad_id, self.packed = items, batch_size, pad_id, packed
+        self.items, self.pad_id, self.packed = items, pad_id, packed
+        self.batch_size, self.rank, self.world = batch_size * world, rank, world  # every rank reads the stream whole
         self.grad_accum, self.num_rows = grad_accum, num_rows
         self.epoch, self.index, self.rows = position["epoch"], position["micro"], position.get("rows", 0)
         self._whole_epoch = self.rows == 0  # read from its start: its micro-batches are all counted here
@@ -151,7 +182,8 @@ class StreamedBatches:
             if batch:
                 self.rows = batch[-1][0]
                 self.index += 1
-                out.append(collate([item for _, item in batch], self.pad_id, self.packed))
+                out.append(collate_share([item for _, item in batch], self.pad_id, self.packed, self.rank,
+                                         self.world))
             else:  # the epoch's data has ended
                 self._next_epoch()
         return out

@@ -4,6 +4,11 @@ precision policy pins.
 Recognition is by class (`isinstance` against bitsandbytes' own Params4bit and Int8Params), checked once to exist:
 had bitsandbytes renamed them, a class-name comparison would find no quantized layer and every check built on it
 would pass without checking anything.
+
+Under FSDP (distributed.shard) a 4-bit layer's weight is no longer a Params4bit: between forwards it is this rank's
+DTensor shard of the packed codes, inside the layer's forward and backward the plain tensor FSDP gathered. Such a
+layer is recognised through the QuantState bitsandbytes keeps on the Linear4bit itself (`module.quant_state`, the
+copy its own forward re-attaches after FSDP), checked against the codes' size.
 """
 
 from __future__ import annotations
@@ -57,11 +62,69 @@ def own_weight(module: torch.nn.Module):
 
 
 def layer_kind(module: torch.nn.Module) -> str | None:
-    """'4bit' / 'int8' for a quantized linear layer (its own weight is quantized), None otherwise."""
-    kind = weight_kind(own_weight(module))
+    """'4bit' / 'int8' for a quantized linear layer (its own weight is quantized, or sharded by FSDP), None
+    otherwise."""
+    weight = own_weight(module)
+    kind = weight_kind(weight)
     if kind == "4bit" and quant_state(module.weight) is None:
         return None  # not quantized yet (still on the meta device, or before .to() quantizes it)
+    if kind is None and weight is not None and sharded_4bit(module):
+        return "4bit"
     return kind
+
+
+def is_dtensor(tensor) -> bool:
+    """A torch DTensor (FSDP's shard of a parameter): this rank holds a part of it."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def sharded_4bit(module: torch.nn.Module) -> bool:
+    """Whether `module` is a quantized Linear4bit whose weight FSDP replaced (a DTensor shard, or the plain tensor it
+    gathered for a forward): packed codes whose size matches the QuantState kept on the layer."""
+    params4bit, _, linear4bit, _, _ = _classes()
+    weight = own_weight(module)
+    if not isinstance(module, linear4bit) or weight is None or isinstance(weight, params4bit):
+        return False
+    state = module_quant_state(module)
+    if state is None:
+        return False  # a Linear4bit whose weight was never quantized
+    shape = tuple(require(PACKAGE, state, "shape", "QuantState"))
+    values = 1
+    for size in shape:
+        values *= int(size)
+    # two 4-bit codes a byte, packed into the storage dtype; the weight's [bytes / itemsize, 1] (its global shape
+    # when sharded)
+    if weight.dim() != 2 or weight.shape[1] != 1 or weight.numel() * weight.element_size() != (values + 1) // 2:
+        raise changed(PACKAGE, "how a Linear4bit stores its codes",
+                      f"a layer's weight of shape {list(weight.shape)} ({weight.dtype}) is not the packed codes of "
+                      f"its QuantState's shape {list(shape)}")
+    return True
+
+
+def module_quant_state(module: torch.nn.Module):
+    """The QuantState bitsandbytes keeps on a Linear4bit (set when its weight is quantized) for a weight that lost
+    its own, as FSDP's do."""
+    return require(PACKAGE, module, "quant_state", "Linear4bit")
+
+
+def layer_quant_state(module: torch.nn.Module):
+    """The QuantState of a 4-bit layer: its Params4bit's, or the layer's own when FSDP replaced the weight."""
+    weight = module.weight
+    if weight_kind(weight) == "4bit":
+        return quant_state(weight)
+    if sharded_4bit(module):
+        return module_quant_state(module)
+    return quant_state(weight)  # (raises the UpstreamError naming Params4bit.quant_state)
+
+
+def keep_quant_state_on_layer(module: torch.nn.Module) -> None:
+    """Before FSDP replaces a 4-bit layer's Params4bit: the layer's own QuantState made the weight's (the one the
+    precision policy pinned), which is what qlorakit, and bitsandbytes' forward, read afterwards."""
+    state = quant_state(module.weight)
+    module_quant_state(module)  # the attribute exists
+    module.quant_state = state
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
@@ -89,7 +152,7 @@ def quantized_layers(model: torch.nn.Module, kind: str | None = None):
 
 def describe_4bit(module) -> tuple[str, bool, torch.dtype, tuple]:
     """(quant_type, double-quantized, dequantized dtype, [out, in] shape) of a 4-bit layer."""
-    state = quant_state(module.weight)
+    state = layer_quant_state(module)
     return (require(PACKAGE, state, "quant_type", "QuantState"), bool(require(PACKAGE, state, "nested", "QuantState")),
             require(PACKAGE, state, "dtype", "QuantState"), tuple(require(PACKAGE, state, "shape", "QuantState")))
 
@@ -107,7 +170,7 @@ def pin_4bit_compute(module, dequantized: torch.dtype, compute: torch.dtype) -> 
     does not switch it from the first input it sees, and its bf16 CPU inference kernel turned off. That kernel
     would repack the weight the first time the layer runs in eval mode without gradients: it computes in bf16
     whatever the compute dtype, rounds the block scales to bf16 for good, and its inverse does not restore them."""
-    state = quant_state(module.weight)
+    state = layer_quant_state(module)
     require(PACKAGE, state, "dtype", "QuantState")
     for flag in _LINEAR4BIT_FLAGS:
         require(PACKAGE, module, flag, "Linear4bit")
@@ -119,12 +182,14 @@ def pin_4bit_compute(module, dequantized: torch.dtype, compute: torch.dtype) -> 
 
 def pinned_compute(module) -> tuple[torch.dtype, torch.dtype]:
     """(dequantized dtype, compute dtype) of a 4-bit layer."""
-    return quant_state(module.weight).dtype, require(PACKAGE, module, "compute_dtype", "Linear4bit")
+    return layer_quant_state(module).dtype, require(PACKAGE, module, "compute_dtype", "Linear4bit")
 
 
-def repacked_for_cpu(weight) -> bool:
-    """Whether bitsandbytes repacked this 4-bit weight for its bf16 CPU inference kernel (block scales rounded)."""
-    return bool(getattr(quant_state(weight), "packing_format_for_cpu", False))
+def repacked_for_cpu(layer) -> bool:
+    """Whether bitsandbytes repacked this 4-bit layer (or weight) for its bf16 CPU inference kernel (block scales
+    rounded). Pass the layer: a weight FSDP sharded has no QuantState of its own."""
+    state = layer_quant_state(layer) if isinstance(layer, torch.nn.Module) else quant_state(layer)
+    return bool(getattr(state, "packing_format_for_cpu", False))
 
 
 # -- dense values --------------------------------------------------------------------------------------------
@@ -135,15 +200,24 @@ def dequantize(module: torch.nn.Module) -> torch.Tensor:
     in fp32 (bitsandbytes computes codes x row scales in fp32), a plain weight as it is."""
     weight = module.weight
     kind = weight_kind(weight)
+    if kind is None and sharded_4bit(module):
+        if is_dtensor(weight):
+            from ..errors import TrainingError
+
+            raise TrainingError(
+                "a 4-bit layer's weight is sharded across the run's processes (FSDP) and this one holds only a part "
+                "of it; it is dequantized inside the layer's forward, where FSDP gathers it whole"
+            )
+        kind = "4bit"
     if kind == "4bit":
-        if repacked_for_cpu(weight):
+        if repacked_for_cpu(module):
             from ..errors import PrecisionError
 
             raise PrecisionError(
                 "a 4-bit layer was repacked by bitsandbytes for its bf16 CPU inference kernel (its block scales are "
                 "now rounded to bf16); load the model through qlorakit.load, which keeps 4-bit layers out of it"
             )
-        return functional().dequantize_4bit(weight.data, quant_state(weight))
+        return functional().dequantize_4bit(weight.data, layer_quant_state(module))
     if kind == "int8":
         # The row scales live on the parameter until bitsandbytes' own forward moves them to the layer's state.
         scales = getattr(weight, "SCB", None)
@@ -191,6 +265,8 @@ def supported_base(module: torch.nn.Module) -> str | None:
     kind = weight_kind(weight)
     if kind == "4bit":
         return None if quant_state(weight) is not None else "the 4-bit weight is not quantized yet"
+    if kind is None and sharded_4bit(module):
+        return None  # sharded by FSDP: gathered whole inside the layer's forward and backward, where kernels run
     if is_quantized_linear(module):
         if kind is None:
             return ("the 8-bit layer keeps fp16 weights (has_fp16_weights)" if isinstance(weight, _classes()[1])
