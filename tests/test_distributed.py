@@ -121,19 +121,60 @@ def one_process_runs(tiny_model_dir, tmp_path_factory):
     return runs
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(one_process_runs, tiny_model_dir, tmp_path_factory):
+    """The same runs on 2 processes of batch 4, through `qlorakit train --nproc-per-node 2`."""
+    root = tmp_path_factory.mktemp("two")
+    for name, (data, _, settings) in one_process_runs.items():
+        _launch(2, *_flags(tiny_model_dir, data, root / name, batch_size=4, **settings))
+    return {name: root / name for name in one_process_runs}
+
+
 @pytest.mark.parametrize("case", ["packed", "padded"])
-def test_two_ranks_of_4_train_as_one_process_of_8(case, one_process_runs, tiny_model_dir, tmp_path):
+def test_two_ranks_of_4_train_as_one_process_of_8(case, one_process_runs, two_process_runs):
     """packed: 22 examples, 3 steps (the third's global micro-batch holds 6: 3 a rank). padded: 9 training
     examples, grad_accum 2: a step's second micro-batch holds one example, so rank 1 runs a placeholder; validation
     loss summed over both ranks' shares."""
-    data, reference, settings = one_process_runs[case]
-    _launch(2, *_flags(tiny_model_dir, data, tmp_path / "two", batch_size=4, **settings))
-    assert_same_adapter(_adapter(reference), _adapter(tmp_path / "two"))
-    assert_same_metrics(_steps(reference), _steps(tmp_path / "two"))
-    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    _, reference, _ = one_process_runs[case]
+    two = two_process_runs[case]
+    assert_same_adapter(_adapter(reference), _adapter(two))
+    assert_same_metrics(_steps(reference), _steps(two))
+    saved = json.loads((two / "config.json").read_text())
     assert saved["world_size"] == 2 and saved["batch_size"] == 4
     # rank 0 alone wrote: one metrics line per step, no file of another rank's
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_a_distributed_run_merges_as_one_process_does(one_process_runs, two_process_runs, tmp_path):
+    """The adapter files are a one-process run's (GGUF export reads them as merge does: through the same merge)."""
+    _, reference, _ = one_process_runs["packed"]
+    two = two_process_runs["packed"]
+    configs = [json.loads((run / "adapter_config.json").read_text()) for run in (reference, two)]
+    for config in configs:
+        config["target_modules"] = sorted(config["target_modules"])  # (PEFT writes a set, in any order)
+    assert configs[0] == configs[1]
+    merged = [load_file(qlorakit.merge(run, tmp_path / name, dtype="fp32", log=lambda _: None) / "model.safetensors")
+              for name, run in (("one", reference), ("two", two))]
+    assert merged[0].keys() == merged[1].keys()
+    for name in merged[0]:
+        assert _relative(merged[0][name], merged[1][name]) <= PARITY_RTOL, name
+
+
+def test_a_streamed_dataset_on_two_ranks_trains_as_on_one_process(tiny_model_dir, tmp_path):
+    """--streaming: every rank reads the stream and keeps its share of each global micro-batch; the epoch ends
+    where the data does (10 rows, global batch 4: micro-batches of 4, 4, 2), on one process and on two alike."""
+    from test_hub_data import repo_dir
+
+    repo = repo_dir(tmp_path / "qa")
+    settings = dict(field="prompt=question", max_steps=4, streaming=True, max_length=64)
+    qlorakit.train(progress=False, log=lambda _: None, model=str(tiny_model_dir), data=str(repo),
+                   output=str(tmp_path / "one"), dtype="fp32", device="cpu", rank=4, alpha=8, lr=5e-3, seed=0,
+                   batch_size=4, **(settings | {"field": ["prompt=question", "completion=answer"]}))
+    _launch(2, *_flags(tiny_model_dir, repo, tmp_path / "two", batch_size=2, **settings),
+            "--field", "completion=answer")
+    assert_same_adapter(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"))
+    assert_same_metrics(_steps(tmp_path / "one"), _steps(tmp_path / "two"))
+    assert [r["trained_tokens"] > 0 for r in _steps(tmp_path / "two")] == [True] * 4
 
 
 def test_two_nodes_meet_through_the_c10d_rendezvous(one_process_runs, tiny_model_dir, tmp_path):
@@ -169,8 +210,22 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen, output: Path, victim=No
         while any(_running(pid) for pid in ranks):
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        _wait_for_the_lock(output)
     else:
         os.kill(victim(proc.pid), signal.SIGKILL)
+
+
+def _wait_for_the_lock(output: Path, seconds: float = 60) -> None:
+    """Until nothing holds the run's lock (the kernel releases a killed process's lock as it tears it down); a
+    holder still there after `seconds` fails the test, naming it."""
+    from qlorakit.outputs import _directory_holder
+
+    deadline = time.monotonic() + seconds
+    while (holder := _directory_holder(output)) is not None:
+        if time.monotonic() > deadline:
+            status = Path(f"/proc/{holder}/status").read_text() if Path(f"/proc/{holder}").exists() else "gone"
+            raise AssertionError(f"the run's lock is still held (marker pid {holder}: {status[:300]})")
+        time.sleep(0.05)
 
 
 def _running(pid: int) -> bool:

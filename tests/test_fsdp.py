@@ -88,6 +88,14 @@ def test_what_cannot_be_sharded_is_refused(tiny_model_dir):
         shard(model, Processes())
 
 
+def test_fsdp_on_one_process_is_refused_before_the_model_loads(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "w5", "completion": "w6"}\n')
+    with pytest.raises(ConfigError, match="this run has one.*--nproc-per-node"):  # (the model does not exist)
+        qlorakit.train(model=str(tmp_path / "no-model"), data=str(data), output=str(tmp_path / "out"), fsdp=True,
+                       device="cpu", progress=False, log=lambda _: None)
+
+
 def test_fsdp_trains_as_one_process_of_the_global_batch(tiny_model_dir, tmp_path):
     """Two ranks of 4 with --fsdp against one process of 8: gradient accumulation (reduced on the last micro-batch
     only), gradient checkpointing, and an evaluation every step through the sharded model. The adapter: the same

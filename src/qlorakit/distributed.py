@@ -71,7 +71,10 @@ class Processes:
                 result = fn(*args, **kwargs)
                 box[0] = ("ok", result if send else None)
             except BaseException as e:
-                self._collective(torch.distributed.broadcast_object_list, [("error", _portable(e))], src=0)
+                try:
+                    self._collective(torch.distributed.broadcast_object_list, [("error", _portable(e))], src=0)
+                except TrainingError:  # the others are gone already: rank 0's own error is the one to say
+                    pass
                 raise
         self._collective(torch.distributed.broadcast_object_list, box, src=0)
         kind, value = box[0]
@@ -87,18 +90,6 @@ class Processes:
         out = [None] * self.world if self.is_main else None
         self._collective(torch.distributed.gather_object, value, out, dst=0)
         return out
-
-    def scatter(self, values: list | None):
-        """values[rank] on each rank, from rank 0's list."""
-        if not self.distributed:
-            return values[0]
-        box = [None]
-        self._collective(torch.distributed.scatter_object_list, box, values if self.is_main else None, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.distributed:
-            self._collective(torch.distributed.barrier)
 
     def no_sync(self, ddp, last: bool):
         """The context a micro-batch's backward runs in: gradients are summed across ranks on the step's last
@@ -314,6 +305,15 @@ def _how_it_ended(code: int) -> str:
 # MixedPrecisionPolicy (the policy set every dtype already, and a cast of packed 4-bit codes would ruin them).
 
 
+def check_shardable(processes: Processes) -> None:
+    """--fsdp needs several processes (checked before the model loads; the model's own checks are shard's)."""
+    if not processes.distributed:
+        raise ConfigError(
+            "--fsdp shards the model across the run's processes, and this run has one: start several "
+            "(--nproc-per-node N, or torchrun), or leave --fsdp off"
+        )
+
+
 def shard(model: torch.nn.Module, processes: Processes, optimizer: torch.optim.Optimizer | None = None):
     """The model's decoder layers and then its loss computation (LossOf, the root unit: qlorakit's loss reads the
     decoder and the head, not the model's forward, so the root's gather must run around batch_loss) sharded
@@ -327,11 +327,7 @@ def shard(model: torch.nn.Module, processes: Processes, optimizer: torch.optim.O
     from .upstream import bitsandbytes as bnb
     from .upstream.transformers import plain_output_head
 
-    if not processes.distributed:
-        raise ConfigError(
-            "--fsdp shards the model across the run's processes, and this run has one: start several "
-            "(--nproc-per-node N, or torchrun), or leave --fsdp off"
-        )
+    check_shardable(processes)
     if any(True for _ in bnb.quantized_layers(model, "int8")):
         raise ConfigError(
             "--fsdp with quant=int8: LLM.int8 weights cannot be sharded (bitsandbytes keeps their row scales beside "

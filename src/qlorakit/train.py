@@ -31,7 +31,8 @@ from .checkpoint import (
 from .config import OPTIMIZER_RANGES, TrainConfig
 from .data import IGNORE_INDEX, Batch, load_data, pad_id_of, read_data
 from .distributed import (
-    Processes, device_of, full_optimizer_state, full_trainable_state, join_run, load_full_optimizer_state, shard, wrap,
+    Processes, check_shardable, device_of, full_optimizer_state, full_trainable_state, join_run,
+    load_full_optimizer_state, shard, wrap,
 )
 from .errors import ConfigError, TrainingError, check_number
 from .evaluate import eval_loss
@@ -261,6 +262,8 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
     # The run's processes: one, or those torchrun started (each runs all of this; rank 0 alone writes and speaks).
     processes = join_run(cfg.device)
     groups.append(processes)
+    if cfg.fsdp:
+        check_shardable(processes)
     main = processes.is_main
     if not main:
         log, progress = (lambda *args, **kwargs: None), False

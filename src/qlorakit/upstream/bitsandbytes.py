@@ -75,17 +75,22 @@ def layer_kind(module: torch.nn.Module) -> str | None:
 
 def is_dtensor(tensor) -> bool:
     """A torch DTensor (FSDP's shard of a parameter): this rank holds a part of it."""
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed has none
+        return False
     return isinstance(tensor, DTensor)
 
 
 def sharded_4bit(module: torch.nn.Module) -> bool:
     """Whether `module` is a quantized Linear4bit whose weight FSDP replaced (a DTensor shard, or the plain tensor it
     gathered for a forward): packed codes whose size matches the QuantState kept on the layer."""
-    params4bit, _, linear4bit, _, _ = _classes()
+    _, _, linear4bit, _, _ = _classes()
     weight = own_weight(module)
-    if not isinstance(module, linear4bit) or weight is None or isinstance(weight, params4bit):
+    # exactly what FSDP puts there (a Params4bit renamed upstream is not taken for one: its layers go unrecognised,
+    # and the policy check then refuses a quantized model with none)
+    if not isinstance(module, linear4bit) or not (is_dtensor(weight) or type(weight) in (torch.Tensor,
+                                                                                         torch.nn.Parameter)):
         return False
     state = module_quant_state(module)
     if state is None:
