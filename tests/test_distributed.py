@@ -445,3 +445,15 @@ def test_launcher_flags_are_checked_before_anything_starts(tiny_model_dir, tmp_p
     assert "leave --nproc-per-node to the launcher" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="each process takes the GPU of its local rank"):
         join_run("cuda:1")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["train", "--data", str(data)]) == 2
+    assert "WORLD_SIZE='two': the launcher's environment" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="RANK=2 with WORLD_SIZE=2: a rank is below the world size"):
+        join_run("cpu")
+    monkeypatch.setenv("RANK", "1")
+    for bad in ("abc", "0", "-5", "nan", "inf"):
+        monkeypatch.setenv("QLORAKIT_DIST_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match=f"QLORAKIT_DIST_TIMEOUT='{bad}': how long a rank waits"):
+            join_run("cpu")

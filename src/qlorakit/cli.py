@@ -503,8 +503,8 @@ def _rank_label() -> str:
     """' (rank N of M)' in a process of a run on several, where every rank may say the same."""
     import os
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world.strip() not in ("", "0", "1") else ""
 
 
 if __name__ == "__main__":

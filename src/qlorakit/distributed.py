@@ -147,14 +147,28 @@ def _picklable(value) -> bool:
         return False
 
 
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{name}={text!r}: the launcher's environment for several processes (torchrun sets RANK, "
+                          "WORLD_SIZE, LOCAL_RANK) holds a whole number here; unset it, or start the run with torchrun")
+    return value
+
+
 def launched() -> bool:
     """True in a process that torchrun (or accelerate launch) started as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _env_int("WORLD_SIZE", 1) > 1
 
 
 def launched_rank() -> int:
     """This process's rank as the launcher set it (0 without one)."""
-    return int(os.environ.get("RANK", "0")) if launched() else 0
+    return _env_int("RANK", 0) if launched() else 0
 
 
 def join_run(device: str) -> Processes:
@@ -166,8 +180,11 @@ def join_run(device: str) -> Processes:
     dist = torch.distributed
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed, which a run on several processes needs")
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    if rank >= world:
+        raise ConfigError(f"RANK={rank} with WORLD_SIZE={world}: a rank is below the world size; start the run with "
+                          "torchrun, which sets both")
+    timeout = timedelta(seconds=_timeout_s())
     cuda = _wants_cuda(device)
     if cuda:
         if torch.cuda.device_count() <= local_rank:
@@ -179,7 +196,6 @@ def join_run(device: str) -> Processes:
     _die_with_launcher()
     owns = False
     if not dist.is_initialized():
-        timeout = timedelta(seconds=float(os.environ.get("QLORAKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         try:
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
         except (RuntimeError, ValueError, ConnectionError) as e:
@@ -191,6 +207,20 @@ def join_run(device: str) -> Processes:
     if rank:  # rank 0 speaks for the run: the others keep qlorakit's warnings (the same on every rank) to errors
         logging.getLogger("qlorakit").setLevel(logging.ERROR)
     return Processes(rank, world, local_rank, owns)
+
+
+def _timeout_s() -> float:
+    text = os.environ.get("QLORAKIT_DIST_TIMEOUT")
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (0 < seconds < 10**7):
+        raise ConfigError(f"QLORAKIT_DIST_TIMEOUT={text!r}: how long a rank waits for the others, in seconds; give "
+                          f"a positive number (default {DEFAULT_TIMEOUT_S}), or unset it")
+    return seconds
 
 
 def _die_with_launcher() -> None:
