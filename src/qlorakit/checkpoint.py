@@ -304,23 +304,26 @@ def check_world(out: Path, saved: dict, config, world: int) -> None:
     randomness is drawn per process (LoRA dropout: each rank draws from its own stream). Anything else is refused."""
     if "batch_size" not in saved:
         return
+
+    def processes(n: int) -> str:
+        return f"{n} process{'es' if n > 1 else ''}"
+
     was_world = saved.get("world_size", 1)
     was, now = saved["batch_size"] * was_world, config.batch_size * world
-    started = f"{was_world} process{'es' if was_world > 1 else ''} x batch_size {saved['batch_size']}"
-    resumed = f"{world} process{'es' if world > 1 else ''} x batch_size {config.batch_size}"
+    started = f"{processes(was_world)} x batch_size {saved['batch_size']}"
+    resumed = f"{processes(world)} x batch_size {config.batch_size}"
     if was != now:
-        fits = [f"--batch-size {was // world} on {world} process{'es' if world > 1 else ''}"] if was % world == 0 else []
+        fits = [f"--batch-size {was // world} on {processes(world)}"] if was % world == 0 else []
         raise TrainingError(
             f"{out}: the run was started on {started} ({was} examples a micro-batch); this resume has {resumed} "
             f"({now}), which would train on other batches. Resume with the run's global batch: "
-            + " or ".join([f"--batch-size {saved['batch_size']} on {was_world} process{'es' if was_world > 1 else ''}",
-                           *fits])
+            + " or ".join([f"--batch-size {saved['batch_size']} on {processes(was_world)}", *fits])
         )
     if world != was_world and config.dropout > 0:
         raise TrainingError(
-            f"{out}: the run was started on {started}; this resume has {resumed}. With LoRA dropout ({config.dropout:g}) "
-            f"each process draws its masks from its own random stream, and {was_world} stream(s) cannot continue as "
-            f"{world}: resume on {was_world} process{'es' if was_world > 1 else ''}"
+            f"{out}: the run was started on {started}; this resume has {resumed}. With LoRA dropout "
+            f"({config.dropout:g}) each process draws its masks from its own random stream, and {was_world} "
+            f"stream(s) cannot continue as {world}: resume on {processes(was_world)}"
         )
 
 

@@ -2,14 +2,14 @@
 default) or right-padded rows.
 
 Packed: the examples of a micro-batch are laid end to end in one row, with position ids restarting at 0 for each
-and no attention mask.
-
-On several processes (distributed.py) a micro-batch is global: world x batch_size examples, of which each rank
-collates its contiguous share; the order, the positions and the epochs are those of one process with that batch. transformers' masking (sdpa and eager attention) reads the restarts from the position ids and
+and no attention mask. transformers' masking (sdpa and eager attention) reads the restarts from the position ids and
 builds a block-diagonal causal mask, so no token attends across examples; flash-attention kernels use the same
 position ids for their variable-length path. With attention implementations that ignore position ids for masking
 (none of the Llama-family ones in transformers 5), examples would see their predecessors in the row; `packing=False`
 avoids packing altogether. The loss does not cross examples either way: each example's first label is masked.
+
+On several processes (distributed.py) a micro-batch is global: world x batch_size examples, of which each rank
+collates its contiguous share; the order, the positions and the epochs are those of one process with that batch.
 """
 
 from __future__ import annotations

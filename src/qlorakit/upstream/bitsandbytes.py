@@ -234,7 +234,8 @@ def dequantize(module: torch.nn.Module) -> torch.Tensor:
 
 class FrozenLinear:
     """The frozen base of a LoRA layer as qlorakit's kernels take it: `dense(compute)`, the weight in the compute
-    dtype, `bias`, and `name` for messages. The module is read at each call, so a weight replaced or moved later is seen."""
+    dtype, `bias`, and `name` for messages. The module is read at each call, so a weight replaced or moved later is
+    seen."""
 
     __slots__ = ("module", "name")
 
