@@ -33,6 +33,7 @@ from qlorakit.errors import ConfigError, TrainingError
 PARITY_RTOL = 1e-5
 PER_TENSOR_RTOL = 5e-5
 LAUNCH_TIMEOUT_S = 300  # a hang fails the test instead of holding CI
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "QLORAKIT_DIST_TIMEOUT": "60"}
 
 
@@ -177,22 +178,59 @@ def test_a_streamed_dataset_on_two_ranks_trains_as_on_one_process(tiny_model_dir
     assert [r["trained_tokens"] > 0 for r in _steps(tmp_path / "two")] == [True] * 4
 
 
-def test_two_nodes_meet_through_the_c10d_rendezvous(one_process_runs, tiny_model_dir, tmp_path):
+def test_two_nodes_meet_through_the_c10d_rendezvous(one_process_runs, tiny_model_dir, tmp_path, free_port):
     """Two torchrun agents of one process each ("nodes") on localhost, joined by the c10d rendezvous, as on two
     machines: the same training as one process with their batch."""
     data, reference, settings = one_process_runs["packed"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "qlorakit-test",
-            "--module", "qlorakit", "train", *_flags(tiny_model_dir, data, tmp_path / "two", batch_size=4, **settings)]
+    node = _node(free_port, *_flags(tiny_model_dir, data, tmp_path / "two", batch_size=4, **settings))
     agents = [subprocess.Popen(node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for _ in range(2)]
     outputs = [agent.communicate(timeout=LAUNCH_TIMEOUT_S) for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], outputs
     assert_same_adapter(_adapter(reference), _adapter(tmp_path / "two"))
     assert_same_metrics(_steps(reference), _steps(tmp_path / "two"))
+
+
+@pytest.fixture
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(port: int, *flags) -> list[str]:
+    """One torchrun agent ("node") of one process, joining the others through the c10d rendezvous."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "qlorakit-test",
+            "--module", "qlorakit", "train", *flags]
+
+
+@LINUX_PROC
+def test_a_node_whose_rank_dies_stops_the_other_node(tiny_model_dir, tmp_path, free_port):
+    """Across nodes no launcher sees every rank: the surviving rank stops at its next collective, saying it lost
+    contact (and naming the last good checkpoint); the dead rank's own torchrun names it. Nothing waits for the
+    collective timeout."""
+    data = _data(tmp_path / "train.jsonl", 48)
+    out = tmp_path / "out"
+    agents = [subprocess.Popen(_node(free_port, *_flags(tiny_model_dir, data, out, batch_size=2, epochs=200,
+                                                        save_every=2)),
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        _kill_after_first_checkpoint(agents[0], out, victim=lambda _: next(
+            pid for agent in agents for pid in [_rank_pid_or_none(agent.pid, 1)] if pid))
+        killed = time.monotonic()
+        outputs = [agent.communicate(timeout=120) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert time.monotonic() - killed < 60
+    assert all(agent.returncode != 0 for agent in agents)
+    errors = "".join(err for _, err in outputs)
+    assert "qlorakit: error (rank 0 of 2): step" in errors and "lost contact with the run's other processes" in errors
+    assert "the last good checkpoint is" in errors
+    assert "rank      : 1" in errors and "SIGKILL" in errors  # the dead rank's torchrun, naming it
 
 
 def _kill_after_first_checkpoint(proc: subprocess.Popen, output: Path, victim=None) -> None:
@@ -233,9 +271,6 @@ def _running(pid: int) -> bool:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie holds no lock
     except OSError:
         return False
-
-
-LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
 
 
 @LINUX_PROC
@@ -295,6 +330,13 @@ def test_resume_on_another_world_size_only_with_the_same_global_batch(one_proces
 
 def _rank_pid(torchrun_pid: int, rank: int) -> int:
     """The pid of the worker torchrun started as `rank` (read from /proc: its environment says RANK)."""
+    pid = _rank_pid_or_none(torchrun_pid, rank)
+    if pid is None:
+        raise AssertionError(f"no worker of rank {rank} under pid {torchrun_pid}")
+    return pid
+
+
+def _rank_pid_or_none(torchrun_pid: int, rank: int) -> int | None:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -304,10 +346,9 @@ def _rank_pid(torchrun_pid: int, rank: int) -> int:
         except OSError:
             continue
         ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ and \
-                _descends(ppid, torchrun_pid):
+        if f"RANK={rank}".encode() in environ and _descends(ppid, torchrun_pid):
             return int(entry.name)
-    raise AssertionError(f"no worker of rank {rank} under pid {torchrun_pid}")
+    return None
 
 
 def _descends(pid: int, ancestor: int) -> bool:
