@@ -233,7 +233,7 @@ def test_a_node_whose_rank_dies_stops_the_other_node(tiny_model_dir, tmp_path, f
     assert "rank      : 1" in errors and "SIGKILL" in errors  # the dead rank's torchrun, naming it
 
 
-def _kill_after_first_checkpoint(proc: subprocess.Popen, output: Path, victim=None) -> None:
+def _kill_after_first_checkpoint(proc: subprocess.Popen, output: Path, victim=None, sig=signal.SIGKILL) -> None:
     checkpoints = output / "checkpoints"
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while not (checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())):
@@ -250,7 +250,7 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen, output: Path, victim=No
             time.sleep(0.01)
         _wait_for_the_lock(output)
     else:
-        os.kill(victim(proc.pid), signal.SIGKILL)
+        os.kill(victim(proc.pid), sig)
 
 
 def _wait_for_the_lock(output: Path, seconds: float = 60) -> None:
@@ -382,6 +382,25 @@ def test_a_dead_rank_stops_the_job_and_is_named(tiny_model_dir, tmp_path):
     assert proc.returncode != 0
     assert "qlorakit: error: rank 1 of 2 was killed by SIGKILL; torchrun stopped the other ranks" in stderr
     assert not (out / "adapter_model.safetensors").exists()  # no output that looks complete
+
+
+def test_ctrl_c_to_the_launcher_stops_every_rank_with_exit_130(tiny_model_dir, tmp_path):
+    data = _data(tmp_path / "train.jsonl", 48)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "qlorakit", "train", "--nproc-per-node", "2",
+                             *_flags(tiny_model_dir, data, out, batch_size=2, epochs=200, save_every=2)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _kill_after_first_checkpoint(proc, out, victim=lambda pid: pid, sig=signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "qlorakit: interrupted (SIGINT): torchrun stopped the ranks; continue from the last checkpoint with " \
+           "--resume" in stderr
+    assert "Traceback" not in stderr
+    assert not (out / "adapter_model.safetensors").exists() and list((out / "checkpoints").iterdir())
 
 
 # ------------------------------------------------------------------------------------------- in-process pieces

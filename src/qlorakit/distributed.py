@@ -298,6 +298,7 @@ class LossOf(torch.nn.Module):
 def launch(argv: list[str], nproc: int) -> int:
     """`qlorakit train --nproc-per-node N ...`: torchrun, on this machine, starting N processes of `qlorakit
     train ...` (argv without the flag). If one fails, torchrun stops the others; the failed ranks are named."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -307,6 +308,11 @@ def launch(argv: list[str], nproc: int) -> int:
         ["--standalone", "--nproc-per-node", str(nproc), "--module", "qlorakit", "train", *argv])
     try:
         run(args)
+    except SignalException as e:  # Ctrl-C (SIGINT) or SIGTERM to the launcher: torchrun has stopped the ranks
+        name = signal.Signals(e.sigval).name
+        print(f"qlorakit: interrupted ({name}): torchrun stopped the ranks; continue from the last checkpoint with "
+              "--resume", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         # The first rank to fail is the cause; torchrun then stopped the others (SIGTERM), listed as failures too.
         rank, failure = e.get_first_failure()
