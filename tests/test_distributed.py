@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -154,6 +155,9 @@ def test_a_distributed_run_merges_as_one_process_does(one_process_runs, two_proc
     for config in configs:
         config["target_modules"] = sorted(config["target_modules"])  # (PEFT writes a set, in any order)
     assert configs[0] == configs[1]
+    card = (two / "README.md").read_text()  # its command says how it ran: the processes, or the global batch
+    assert "qlorakit train --nproc-per-node 2 " in card and "--batch-size 4" in card
+    assert "on one process with --batch-size 8, the same global batch" in card
     merged = [load_file(qlorakit.merge(run, tmp_path / name, dtype="fp32", log=lambda _: None) / "model.safetensors")
               for name, run in (("one", reference), ("two", two))]
     assert merged[0].keys() == merged[1].keys()
@@ -203,6 +207,23 @@ def _node(port: int, *flags) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "qlorakit-test",
             "--module", "qlorakit", "train", *flags]
+
+
+def test_ranks_started_with_other_settings_are_refused(tiny_model_dir, tmp_path, free_port):
+    """Two "nodes" given different learning rates would each train their own way and DDP would average two runs
+    into no one's adapter: refused, naming the setting, before the first step."""
+    data = _data(tmp_path / "train.jsonl", 16)
+    agents = [subprocess.Popen(_node(free_port, *_flags(tiny_model_dir, data, tmp_path / "out", batch_size=2,
+                                                        max_steps=2, lr=lr)),
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for lr in (0.005, 0.001)]
+    outputs = [agent.communicate(timeout=LAUNCH_TIMEOUT_S) for agent in agents]
+    assert all(agent.returncode != 0 for agent in agents)
+    errors = "".join(err for _, err in outputs)
+    assert re.search(r"qlorakit: error \(rank 0 of 2\): rank 1 of 2 runs with lr=0\.00[15], rank 0 with "
+                     r"lr=0\.00[15]: every process of a run needs the same settings and data", errors), errors[-3000:]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the first step
 
 
 @LINUX_PROC
@@ -485,6 +506,8 @@ def test_check_world_allows_only_the_same_global_batch():
     check_world(Path("out"), {"batch_size": 8}, type("C", (), {"batch_size": 8, "dropout": 0.1}), 1)  # old run
     with pytest.raises(TrainingError, match="LoRA dropout"):
         check_world(Path("out"), saved, type("C", (), {"batch_size": 8, "dropout": 0.1}), 1)
+    with pytest.raises(TrainingError, match=r"LoRA dropout \(0.1\)"):  # the run's, left out of the resume
+        check_world(Path("out"), saved | {"dropout": 0.1}, type("C", (), {"batch_size": 8, "dropout": 0.0}), 1)
 
 
 def test_launcher_flags_are_checked_before_anything_starts(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -499,6 +522,18 @@ def test_launcher_flags_are_checked_before_anything_starts(tiny_model_dir, tmp_p
     assert "--nproc-per-node 0: the number of processes must be at least 1" in capsys.readouterr().err
     assert main(["train", "--nproc-per-node", "2", "--data", str(data), "--lr", "-1"]) == 2
     assert "lr" in capsys.readouterr().err
+    # refused once, before torchrun starts the ranks (each would say it)
+    assert main(["train", "--nproc-per-node", "2", "--data", str(data), "--fsdp", "--quant", "int8"]) == 2
+    assert "--fsdp with quant=int8: LLM.int8 weights cannot be sharded" in capsys.readouterr().err
+    assert main(["train", "--nproc-per-node", "2", "--data", str(data), "--device", "cuda:1"]) == 2
+    assert "--device cuda:1 on several processes" in capsys.readouterr().err
+    monkeypatch.setenv("QLORAKIT_DIST_TIMEOUT", "0.5")
+    assert main(["train", "--nproc-per-node", "2", "--data", str(data)]) == 2
+    assert "QLORAKIT_DIST_TIMEOUT='0.5': how long a rank waits" in capsys.readouterr().err
+    monkeypatch.delenv("QLORAKIT_DIST_TIMEOUT")
+    with pytest.raises(SystemExit) as exit_status:  # no abbreviations: the ranks get the arguments as written
+        main(["train", "--nproc", "2", "--data", str(data)])
+    assert exit_status.value.code == 2 and "unrecognized arguments: --nproc" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main(["train", "--nproc-per-node", "2", "--data", str(data)]) == 2
@@ -513,7 +548,7 @@ def test_launcher_flags_are_checked_before_anything_starts(tiny_model_dir, tmp_p
     with pytest.raises(ConfigError, match="RANK=2 with WORLD_SIZE=2: a rank is below the world size"):
         join_run("cpu")
     monkeypatch.setenv("RANK", "1")
-    for bad in ("abc", "0", "-5", "nan", "inf"):
+    for bad in ("abc", "0", "0.5", "-5", "nan", "inf"):
         monkeypatch.setenv("QLORAKIT_DIST_TIMEOUT", bad)
         with pytest.raises(ConfigError, match=f"QLORAKIT_DIST_TIMEOUT='{bad}': how long a rank waits"):
             join_run("cpu")

@@ -98,11 +98,12 @@ def test_fsdp_on_one_process_is_refused_before_the_model_loads(tmp_path):
 
 def test_fsdp_trains_as_one_process_of_the_global_batch(tiny_model_dir, tmp_path):
     """Two ranks of 4 with --fsdp against one process of 8: gradient accumulation (reduced on the last micro-batch
-    only), gradient checkpointing, and an evaluation every step through the sharded model. The adapter: the same
+    only), gradient checkpointing, and an evaluation every step through the sharded model, of one held-out example
+    (rank 0's share is empty: it runs a placeholder forward, as the sharded model's gathers need). The adapter: the same
     files, keys, dtypes and config as the one-process run's, within the parity tolerance; it loads back with
     qlorakit.load + load_adapter and gives the one-process adapter's logits."""
     data = _data(tmp_path / "train.jsonl", 22)
-    settings = dict(max_steps=2, grad_accum=2, validation=0.2, eval_every=1)
+    settings = dict(max_steps=2, grad_accum=2, validation=0.04, eval_every=1)
     _one_process(tiny_model_dir, data, tmp_path / "one", batch_size=8, **settings)
     _launch(2, *_flags(tiny_model_dir, data, tmp_path / "two", batch_size=4, fsdp=True, gradient_checkpointing=True,
                        **settings))

@@ -233,11 +233,12 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, fused: b
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def save_adapter(model, out, cfg, precision, data=None, state: dict | None = None):
+def save_adapter(model, out, cfg, precision, data=None, state: dict | None = None, world_size: int = 1):
     """Save a training run's adapter into the directory `out`: PEFT's format (adapter_config.json,
     adapter_model.safetensors), its model card README.md (model_card.adapter_card) and qlorakit.json — how to load
     the base again (`cfg`: the run's TrainConfig; `precision` its Precision; `data` its TrainingData, for the format)
-    and the size and SHA-256 of each file of ADAPTER_FILES. Returns `out`.
+    and the size and SHA-256 of each file of ADAPTER_FILES. `state`: the adapter's tensors by name, where the model
+    holds them sharded; `world_size`: the run's processes, for the card's command. Returns `out`.
 
     The files are one unit: staged together, then renamed into place one at a time, qlorakit.json first. Its
     record names the new files, so until the last rename a reader finds a file missing or one that does not match
@@ -282,7 +283,7 @@ def save_adapter(model, out, cfg, precision, data=None, state: dict | None = Non
         (tmp / "qlorakit.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         from .model_card import adapter_card  # (in place of PEFT's placeholder README.md)
 
-        card = adapter_card(cfg.to_dict(), record, out, base_path)
+        card = adapter_card(cfg.to_dict() | {"world_size": world_size}, record, out, base_path)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
 

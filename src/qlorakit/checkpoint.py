@@ -319,10 +319,11 @@ def check_world(out: Path, saved: dict, config, world: int) -> None:
             f"({now}), which would train on other batches. Resume with the run's global batch: "
             + " or ".join([f"--batch-size {saved['batch_size']} on {processes(was_world)}", *fits])
         )
-    if world != was_world and config.dropout > 0:
+    dropout = max(saved.get("dropout") or 0.0, config.dropout)  # (the run's, even where the resume leaves it out)
+    if world != was_world and dropout > 0:
         raise TrainingError(
             f"{out}: the run was started on {started}; this resume has {resumed}. With LoRA dropout "
-            f"({config.dropout:g}) each process draws its masks from its own random stream, and {was_world} "
+            f"({dropout:g}) each process draws its masks from its own random stream, and {was_world} "
             f"stream(s) cannot continue as {world}: resume on {processes(was_world)}"
         )
 

@@ -31,7 +31,7 @@ BASE_HELP = ("what the adapter's delta is added to: quantized (default), the bas
 
 def _train(args) -> int:
     from .demo import run_demo
-    from .distributed import launch, launched, launched_rank
+    from .launcher import launch, launched, launched_rank
     from .train import train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -43,6 +43,10 @@ def _train(args) -> int:
         if config.data is None:
             raise ConfigError("--nproc-per-node trains on several processes, and the built-in demo (no --data) runs "
                               "on one: give --data, or leave --nproc-per-node out")
+        if args.nproc_per_node >= 1:
+            from .distributed import check_launch
+
+            check_launch(config, args.nproc_per_node)
         return launch(_without_nproc(args.argv), args.nproc_per_node)
     if config.data is None:
         if launched():
@@ -345,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlorakit", description="QLoRA fine-tuning of causal language models, correct in every precision.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # (no abbreviated flags: --nproc-per-node hands the arguments on to each rank as written)
     train = sub.add_parser(
-        "train", help="fine-tune with QLoRA (no data: the default model on the built-in demo task)",
+        "train", allow_abbrev=False, help="fine-tune with QLoRA (no data: the default model on the built-in demo task)",
         description="Fine-tune a model with LoRA adapters over frozen quantized weights. Settings come from "
         "TrainConfig's defaults, then CONFIG.yaml (keys as the flags, with underscores), then the flags. Writes "
         "the adapter in PEFT format, config.json, metrics.jsonl and loss.png to --output. Without --data (and no "
@@ -485,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .launcher import die_with_launcher
+
+    try:
+        die_with_launcher()  # first: a rank whose launcher is killed from now on dies with it
+    except QLoraKitError as e:
+        print(f"qlorakit: error: {e}", file=sys.stderr)
+        return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

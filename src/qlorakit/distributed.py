@@ -1,5 +1,5 @@
 """The processes of one training run, on torch.distributed: joined from the environment torchrun (or accelerate
-launch) sets, gloo on a CPU and nccl on CUDA; the launcher behind `qlorakit train --nproc-per-node N`.
+launch) sets, gloo on a CPU and nccl on CUDA (launcher.py starts them).
 
 A run on N processes trains exactly as one process with N times the batch: every rank holds the same adapters, takes
 its share of each global micro-batch (data/batches.py), and the LoRA gradients alone are summed across ranks by
@@ -13,8 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import signal
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +20,7 @@ from datetime import timedelta
 import torch
 
 from .errors import ConfigError, QLoraKitError, TrainingError
+from .launcher import die_with_launcher, env_int, launched
 
 # How long a rank waits in a collective for the others before it stops with an error (QLORAKIT_DIST_TIMEOUT,
 # seconds). A rank that dies closes its connections and the others stop at once on gloo; the timeout bounds what
@@ -91,6 +90,26 @@ class Processes:
         self._collective(torch.distributed.gather_object, value, out, dst=0)
         return out
 
+    def agree(self, facts: dict) -> None:
+        """Refuse to go on unless every rank has the same `facts` (settings, a fingerprint of the data): ranks
+        started with other flags, or on a node with other files, would train on their own and give an adapter
+        that is no one's. Rank 0 compares and names the first difference; every rank raises it."""
+        if not self.distributed:
+            return
+        everyone = self.gather(facts)
+
+        def compare():
+            for rank, theirs in enumerate(everyone[1:], start=1):
+                for key, mine in everyone[0].items():
+                    if theirs.get(key) != mine:
+                        raise ConfigError(
+                            f"rank {rank} of {self.world} runs with {key}={_short(theirs.get(key))}, rank 0 with "
+                            f"{key}={_short(mine)}: every process of a run needs the same settings and data; start "
+                            "them with the same command (on several nodes, with the same files)"
+                        )
+
+        self.on_main(compare)
+
     def no_sync(self, ddp, last: bool):
         """The context a micro-batch's backward runs in: gradients are summed across ranks on the step's last
         micro-batch only (no_sync keeps the others local, as DDP intends for accumulation)."""
@@ -115,6 +134,21 @@ class Processes:
             gc.collect()
             torch.distributed.destroy_process_group()
             self.owns_group = False
+
+
+def is_communication_error(error: BaseException) -> bool:
+    """Whether an error raised inside a step (DDP's gradient sums, FSDP's gathers) is the process group failing —
+    torch raises a DistError, or from gloo's transport a plain RuntimeError naming it — rather than the step's own."""
+    if isinstance(error, (torch.distributed.DistError, ConnectionError)):
+        return True
+    text = str(error)
+    return any(mark in text for mark in ("third_party/gloo", "ProcessGroupGloo", "ProcessGroupNCCL", "NCCL error",
+                                         "Connection reset by peer", "Connection closed by peer"))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def lost_contact(processes: Processes, error: BaseException) -> TrainingError:
@@ -147,30 +181,6 @@ def _picklable(value) -> bool:
         return False
 
 
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ConfigError(f"{name}={text!r}: the launcher's environment for several processes (torchrun sets RANK, "
-                          "WORLD_SIZE, LOCAL_RANK) holds a whole number here; unset it, or start the run with torchrun")
-    return value
-
-
-def launched() -> bool:
-    """True in a process that torchrun (or accelerate launch) started as one of several."""
-    return _env_int("WORLD_SIZE", 1) > 1
-
-
-def launched_rank() -> int:
-    """This process's rank as the launcher set it (0 without one)."""
-    return _env_int("RANK", 0) if launched() else 0
-
-
 def join_run(device: str) -> Processes:
     """This process's place in the run, from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT); the process group is set up here when the caller has not done it. One process without a
@@ -180,7 +190,7 @@ def join_run(device: str) -> Processes:
     dist = torch.distributed
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed, which a run on several processes needs")
-    rank, world, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    rank, world, local_rank = env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
     if rank >= world:
         raise ConfigError(f"RANK={rank} with WORLD_SIZE={world}: a rank is below the world size; start the run with "
                           "torchrun, which sets both")
@@ -193,7 +203,7 @@ def join_run(device: str) -> Processes:
                 "device(s): start at most one process per GPU (--nproc-per-node), or train on the CPU (--device cpu)"
             )
         torch.cuda.set_device(local_rank)
-    _die_with_launcher()
+    die_with_launcher()
     owns = False
     if not dist.is_initialized():
         try:
@@ -217,28 +227,10 @@ def _timeout_s() -> float:
         seconds = float(text)
     except ValueError:
         seconds = float("nan")
-    if not (0 < seconds < 10**7):
+    if not (1 <= seconds < 10**7):
         raise ConfigError(f"QLORAKIT_DIST_TIMEOUT={text!r}: how long a rank waits for the others, in seconds; give "
-                          f"a positive number (default {DEFAULT_TIMEOUT_S}), or unset it")
+                          f"a number of at least 1 (default {DEFAULT_TIMEOUT_S}), or unset it")
     return seconds
-
-
-def _die_with_launcher() -> None:
-    """torchrun starts each rank in a session of its own, so a launcher killed outright (kill -9, a scheduler's
-    kill) would leave its ranks training on as orphans — and writing the outputs. On Linux a rank asks the kernel
-    to kill it when its parent dies (PR_SET_PDEATHSIG); a parent already gone by then ends it at once."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # no prctl here: the ranks outlive a killed launcher, as torchrun's do
-        return
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _wants_cuda(device: str) -> bool:
@@ -292,47 +284,6 @@ class LossOf(torch.nn.Module):
         return batch_loss(self.model, inputs, labels)
 
 
-# ------------------------------------------------------------------------------------------------- the launcher
-
-
-def launch(argv: list[str], nproc: int) -> int:
-    """`qlorakit train --nproc-per-node N ...`: torchrun, on this machine, starting N processes of `qlorakit
-    train ...` (argv without the flag). If one fails, torchrun stops the others; the failed ranks are named."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    if nproc < 1:
-        raise ConfigError(f"--nproc-per-node {nproc}: the number of processes must be at least 1")
-    args = get_args_parser().parse_args(
-        ["--standalone", "--nproc-per-node", str(nproc), "--module", "qlorakit", "train", *argv])
-    try:
-        run(args)
-    except SignalException as e:  # Ctrl-C (SIGINT) or SIGTERM to the launcher: torchrun has stopped the ranks
-        name = signal.Signals(e.sigval).name
-        print(f"qlorakit: interrupted ({name}): torchrun stopped the ranks; continue from the last checkpoint with "
-              "--resume", file=sys.stderr)
-        return 128 + int(e.sigval)
-    except ChildFailedError as e:
-        # The first rank to fail is the cause; torchrun then stopped the others (SIGTERM), listed as failures too.
-        rank, failure = e.get_first_failure()
-        if failure.exitcode != 2:  # 2: qlorakit's own error, which the rank has said
-            print(f"qlorakit: error: rank {rank} of {nproc} {_how_it_ended(failure.exitcode)}; torchrun stopped the "
-                  "other ranks", file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
-    return 0
-
-
-def _how_it_ended(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name}"
-    return f"exited with status {code}"
-
-
 # ---- FSDP2
 # `--fsdp`: the frozen quantized base sharded across the ranks (torch's fully_shard, one unit per decoder layer, the
 # rest — embeddings, final norm, output head — in the root unit) instead of a whole copy on each. A layer's weights
@@ -341,13 +292,32 @@ def _how_it_ended(code: int) -> str:
 # MixedPrecisionPolicy (the policy set every dtype already, and a cast of packed 4-bit codes would ruin them).
 
 
-def check_shardable(processes: Processes) -> None:
-    """--fsdp needs several processes (checked before the model loads; the model's own checks are shard's)."""
+def check_shardable(processes: Processes, quant: str | None = None) -> None:
+    """--fsdp needs several processes and a 4-bit (or unquantized) base: checked before the model loads (the
+    model's own checks are shard's)."""
     if not processes.distributed:
         raise ConfigError(
             "--fsdp shards the model across the run's processes, and this run has one: start several "
             "(--nproc-per-node N, or torchrun), or leave --fsdp off"
         )
+    if quant == "int8":
+        raise _int8_not_shardable()
+
+
+def _int8_not_shardable() -> ConfigError:
+    return ConfigError(
+        "--fsdp with quant=int8: LLM.int8 weights cannot be sharded (bitsandbytes keeps their row scales beside "
+        "the int8 codes, where FSDP does not reach them): use DDP (leave --fsdp off), or quant=nf4 / fp4"
+    )
+
+
+def check_launch(config, nproc: int) -> None:
+    """What `--nproc-per-node` can refuse before torchrun starts any process, once instead of once per rank: the
+    timeout, the device, --fsdp's needs."""
+    _timeout_s()
+    _wants_cuda(config.device)
+    if config.fsdp:
+        check_shardable(Processes(world=nproc), config.quant)
 
 
 def shard(model: torch.nn.Module, processes: Processes, optimizer: torch.optim.Optimizer | None = None):
@@ -365,10 +335,7 @@ def shard(model: torch.nn.Module, processes: Processes, optimizer: torch.optim.O
 
     check_shardable(processes)
     if any(True for _ in bnb.quantized_layers(model, "int8")):
-        raise ConfigError(
-            "--fsdp with quant=int8: LLM.int8 weights cannot be sharded (bitsandbytes keeps their row scales beside "
-            "the int8 codes, where FSDP does not reach them): use DDP (leave --fsdp off), or quant=nf4 / fp4"
-        )
+        raise _int8_not_shardable()
     for name, module, _ in bnb.quantized_layers(model, "4bit"):
         if module.weight.dtype != torch.uint8:
             raise ConfigError(

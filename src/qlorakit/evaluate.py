@@ -7,7 +7,7 @@ import math
 import torch
 
 from .data import Example, Tokenized, collate
-from .data.batches import share
+from .data.batches import placeholder, share
 from .errors import DataError
 from .generation import generate
 from .precision import precision_of
@@ -18,17 +18,21 @@ from .loss import batch_loss
 def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 8, packed: bool = True,
               processes=None) -> dict:
     """Mean loss per trained token over `items`, and its perplexity. On several processes (`processes`, from
-    distributed.join_run) each rank evaluates its share and the sums are added up."""
+    distributed.join_run) each rank evaluates its share and the sums are added up; every rank runs as many forwards
+    (a sharded model gathers its weights in each, with every rank), a short share padded with placeholders."""
     precision = precision_of(model)
     device = next(p.device for p in model.parameters())
     was_training = model.training
+    forwards = math.ceil(len(items) / batch_size)
     if processes is not None and processes.distributed:
+        forwards = math.ceil(math.ceil(len(items) / processes.world) / batch_size)
         items = share(items, processes.rank, processes.world)
     model.eval()
     total, tokens = 0.0, 0
     try:
-        for start in range(0, len(items), batch_size):
-            batch = collate(items[start : start + batch_size], pad_id, packed).to(device)
+        for start in range(0, forwards * batch_size, batch_size):
+            chunk = items[start : start + batch_size]
+            batch = (collate(chunk, pad_id, packed) if chunk else placeholder(pad_id)).to(device)
             with precision.autocast():
                 loss_sum, n = batch_loss(model, batch.model_inputs(), batch.labels)
             total += float(loss_sum)

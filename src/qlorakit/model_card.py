@@ -115,6 +115,8 @@ def train_command(config: dict, record: dict | None = None) -> str:
     from .config import TrainConfig, value_kinds
 
     words, settings = ["qlorakit", "train"], _pinned(config, record or {})
+    if config.get("world_size", 1) > 1:  # (the run's processes: with its batch_size, its global batch)
+        words += ["--nproc-per-node", str(config["world_size"])]
     for f in fields(TrainConfig):
         if f.name not in settings or settings[f.name] == f.default:
             continue
@@ -383,6 +385,11 @@ def _reproduce(config: dict, record: dict) -> list[str]:
              for key in ("model", "dtype") if key in pinned and config.get(key) != pinned[key]]
     notes += [f"# {key}: null has no flag; run with the settings file below instead"
               for key, value in settings.items() if value is None and defaults.get(key) is not None]
+    world = config.get("world_size", 1)
+    if world > 1:
+        batch = settings.get("batch_size", defaults["batch_size"])
+        notes.append(f"# trained on {world} processes of batch_size {batch}: on {world} GPUs (or several nodes, with "
+                     f"torchrun), or on one process with --batch-size {world * batch}, the same global batch")
     return ["```bash", *notes, train_command(config, record), "```", "",
             "Every setting of the run (a config file for `qlorakit train CONFIG.yaml`):", "",
             "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```"]

@@ -31,8 +31,8 @@ from .checkpoint import (
 from .config import OPTIMIZER_RANGES, TrainConfig
 from .data import IGNORE_INDEX, Batch, load_data, pad_id_of, read_data
 from .distributed import (
-    Processes, check_shardable, device_of, full_optimizer_state, full_trainable_state, join_run,
-    load_full_optimizer_state, shard, wrap,
+    Processes, check_shardable, device_of, full_optimizer_state, full_trainable_state, is_communication_error,
+    join_run, load_full_optimizer_state, lost_contact, shard, wrap,
 )
 from .errors import ConfigError, TrainingError, check_number
 from .evaluate import eval_loss
@@ -110,6 +110,14 @@ class TrainStep:
     def run(self, batches: list[Batch]) -> StepResult:
         """A step over accumulated micro-batches, normalised by their trained tokens together (on several
         processes: by those of every rank's micro-batches)."""
+        try:
+            return self._run(batches)
+        except RuntimeError as e:  # DDP's gradient sums and FSDP's gathers run inside the forward and backward
+            if not (self.processes.distributed and is_communication_error(e)):
+                raise
+            raise lost_contact(self.processes, e) from None
+
+    def _run(self, batches: list[Batch]) -> StepResult:
         self.model.train()
         processes, world = self.processes, self.processes.world
         total_tokens = sum(b.trained_tokens for b in batches)
@@ -263,7 +271,7 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
     processes = join_run(cfg.device)
     groups.append(processes)
     if cfg.fsdp:
-        check_shardable(processes)
+        check_shardable(processes, cfg.quant)
     main = processes.is_main
     if not main:
         log, progress = (lambda *args, **kwargs: None), False
@@ -351,6 +359,11 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
         f"{cfg.targets}: {trainable / 1e6:.2f}M trainable parameters")
     log(f"precision: {precision.describe()}")
     log(f"fast path: {fast_path_report(model).describe()}")
+    # Every rank the same run: its settings (paths aside: another node may mount the files elsewhere), the data's
+    # tokens, the model's quantization and adapters.
+    processes.agree({key: value for key, value in cfg.to_dict().items()
+                     if key not in ("model", "data", "validation_data", "adapter", "output")}
+                    | {"data": fingerprint, "model": quantization_summary(model), "trainable parameters": trainable})
 
     # 4. Optimizer and schedule.
     # A step's micro-batches are all held at once: bound them by the data (streamed data: None here, checked as its
@@ -503,7 +516,7 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
         if last_eval is not None and data.validation:
             metrics.write({"step": total_steps, "eval_loss": last_eval["loss"],
                            "eval_perplexity": last_eval["perplexity"]})
-        save_adapter(model, out, cfg, precision, data, state=whole)
+        save_adapter(model, out, cfg, precision, data, state=whole, world_size=processes.world)
         output.commit()
         records = metrics.read()
         plot_loss_curve(records, out / "loss.png", title=f"{Path(str(cfg.model)).name} r={cfg.rank}")
