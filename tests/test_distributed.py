@@ -27,10 +27,12 @@ from qlorakit.distributed import Processes, join_run, wrap
 from qlorakit.errors import ConfigError, TrainingError
 
 # fp32 sums in another order (two ranks' gradients, two rows of 4 examples instead of one of 8), through 3 Adam steps.
-# The whole adapter (the Frobenius norm of the difference over the adapter's): measured 1e-6 to 2e-6. One tensor
+# The whole adapter (the Frobenius norm of the difference over the adapter's): measured 1.5e-7 (packed) and 4.4e-7
+# (padded). One tensor
 # alone can differ more: Adam scales each element by 1/sqrt(v), so an element whose gradient is near zero turns a
 # rounding difference into a visible one (measured up to 1.2e-5 for one 512-element tensor, from a single element).
-# A real difference (a lost example, a rank's gradient counted twice) is 1e-2 and more.
+# A real difference is far larger (measured, whole adapter: one rank given the data in another order 4.9e-3; a global
+# batch of 8 where it should be 16, 5.2e-3).
 PARITY_RTOL = 1e-5
 PER_TENSOR_RTOL = 5e-5
 LAUNCH_TIMEOUT_S = 300  # a hang fails the test instead of holding CI
