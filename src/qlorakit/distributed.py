@@ -50,10 +50,12 @@ class Processes:
         return f"rank {self.rank} of {self.world}"
 
     def sum(self, values: list[float], device: torch.device | None = None) -> list[float]:
-        """Each value summed over the ranks (float64, so token counts stay exact)."""
+        """Each value summed over the ranks (in precision.REDUCE_DTYPE, so token counts stay exact)."""
+        from .precision import REDUCE_DTYPE
+
         if not self.distributed:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._device(device))
+        tensor = torch.tensor(values, dtype=REDUCE_DTYPE, device=self._device(device))
         self._collective(torch.distributed.all_reduce, tensor)
         return tensor.tolist()
 

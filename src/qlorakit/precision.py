@@ -79,6 +79,8 @@ def dequantized_to(quant: str, compute: torch.dtype) -> torch.dtype:
 LOSS_DTYPE = torch.float32
 # So is every softmax over the vocabulary that chooses a token (sampling, its warpers, greedy's argmax).
 LOGITS_DTYPE = LOSS_DTYPE
+# Sums across the processes of a run (token counts, loss sums, memory): float64, exact for counts up to 2**53.
+REDUCE_DTYPE = torch.float64
 # Exports work in fp32: a merge adds the LoRA delta s·B·A to the dequantized base in fp32 and rounds once to the
 # saved dtype, and a GGUF file is encoded from fp32 tensors, so no intermediate rounding precedes the one the user
 # asked for. A GGUF source is converted to fp32 safetensors for the same reason: qlorakit then quantizes it its way.
