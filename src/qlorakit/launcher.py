@@ -78,7 +78,8 @@ def launch(argv: list[str], nproc: int) -> int:
                                          "--module", "qlorakit"])
     args.training_script_args = ["train", *argv]  # (not through torchrun's parser, which reads flags it shares)
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in ("torch.distributed.elastic", "torch.distributed.run"):  # (its OMP_NUM_THREADS=1 notice included:
+        logging.getLogger(name).setLevel(logging.CRITICAL)               # the README says it)
     try:
         run(args)
     except SignalException as e:  # Ctrl-C (SIGINT) or SIGTERM to the launcher: torchrun has stopped the ranks
