@@ -153,8 +153,12 @@ def _short(value) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def lost_contact(processes: Processes, error: BaseException) -> TrainingError:
-    return TrainingError(
+class LostContact(TrainingError):
+    """A collective failed: another rank of the run stopped, or does not answer."""
+
+
+def lost_contact(processes: Processes, error: BaseException) -> LostContact:
+    return LostContact(
         f"{processes.describe()}: lost contact with the run's other processes ({str(error).splitlines()[0][:300]}); "
         "another rank stopped or hangs: its own message, or the launcher's summary, names it and why"
     )

@@ -31,8 +31,8 @@ from .checkpoint import (
 from .config import OPTIMIZER_RANGES, TrainConfig
 from .data import IGNORE_INDEX, Batch, load_data, pad_id_of, read_data
 from .distributed import (
-    Processes, check_shardable, device_of, full_optimizer_state, full_trainable_state, is_communication_error,
-    join_run, load_full_optimizer_state, lost_contact, shard, wrap,
+    LostContact, Processes, check_shardable, device_of, full_optimizer_state, full_trainable_state,
+    is_communication_error, join_run, load_full_optimizer_state, lost_contact, shard, wrap,
 )
 from .errors import ConfigError, TrainingError, check_number
 from .evaluate import eval_loss
@@ -449,57 +449,61 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
                 f"written; {where}. Lower the learning rate (lr={cfg.lr:g}) or check the data"
             )
 
-    for step in range(start_step + 1, total_steps + 1):
-        batches = stream.take(cfg.grad_accum)
-        tick = time.perf_counter()
-        try:
-            result = step_fn.run(batches)
-        except TrainingError as e:
-            raise TrainingError(f"step {step}: {e}; {last_good()}") from None
-        scheduler.step()
-        seconds = time.perf_counter() - tick
-        real_tokens = sum(b.real_tokens for b in batches)
-        if processes.distributed:  # the run's: every rank's tokens (and rank 0's clock and memory)
-            real_tokens = int(processes.sum([real_tokens], step_fn.device)[0])
-        record = {"step": step, "epoch": round(stream.progress, 4),
-                  "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-                  "trained_tokens": result.tokens, "tokens": real_tokens,
-                  "tokens_per_s": real_tokens / seconds, "skipped": result.skipped,
-                  "elapsed_s": time.perf_counter() - started}
-        if step_fn.scaler is not None:  # fp16: the loss scale the next step starts with
-            record["scale"] = step_fn.scaler.get_scale()
-        memory = peak_memory(step_fn.device)
-        if processes.distributed:  # every rank's peak, in rank order; the run's key holds the largest
-            (key, mine), = memory.items()
-            by_rank = processes.sum([mine if rank == processes.rank else 0.0 for rank in range(processes.world)],
-                                    step_fn.device)
-            memory = {key: max(by_rank), f"{key}_by_rank": by_rank}
-        record |= memory
-        if main and (step % cfg.log_every == 0 or step == total_steps):
-            metrics.write(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{real_tokens / seconds:.0f}")
-            bar.update(1)
-        if data.validation and cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-            last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing, processes)
-            if main:
-                metrics.write({"step": step, "eval_loss": last_eval["loss"],
-                               "eval_perplexity": last_eval["perplexity"]})
-        if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
-            refuse_non_finite(step, "checkpoint")
-            rng_states = processes.gather(rng_state())  # every rank's, written by rank 0
-            # sharded: the adapter and optimizer state gathered whole (every rank takes part), written by rank 0
-            whole = {} if step_fn.fsdp is None else {
-                "adapter_state": full_trainable_state(step_fn.fsdp),
-                "optimizer_state": full_optimizer_state(step_fn.fsdp, optimizer)}
+    step = start_step
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            batches = stream.take(cfg.grad_accum)
+            tick = time.perf_counter()
+            try:
+                result = step_fn.run(batches)
+            except TrainingError as e:
+                raise TrainingError(f"step {step}: {e}; {last_good()}") from None
+            scheduler.step()
+            seconds = time.perf_counter() - tick
+            real_tokens = sum(b.real_tokens for b in batches)
+            if processes.distributed:  # the run's: every rank's tokens (and rank 0's clock and memory)
+                real_tokens = int(processes.sum([real_tokens], step_fn.device)[0])
+            record = {"step": step, "epoch": round(stream.progress, 4),
+                      "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+                      "trained_tokens": result.tokens, "tokens": real_tokens,
+                      "tokens_per_s": real_tokens / seconds, "skipped": result.skipped,
+                      "elapsed_s": time.perf_counter() - started}
+            if step_fn.scaler is not None:  # fp16: the loss scale the next step starts with
+                record["scale"] = step_fn.scaler.get_scale()
+            memory = peak_memory(step_fn.device)
+            if processes.distributed:  # every rank's peak, in rank order; the run's key holds the largest
+                (key, mine), = memory.items()
+                by_rank = processes.sum([mine if rank == processes.rank else 0.0 for rank in range(processes.world)],
+                                        step_fn.device)
+                memory = {key: max(by_rank), f"{key}_by_rank": by_rank}
+            record |= memory
+            if main and (step % cfg.log_every == 0 or step == total_steps):
+                metrics.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{real_tokens / seconds:.0f}")
+                bar.update(1)
+            if data.validation and cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+                last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing, processes)
+                if main:
+                    metrics.write({"step": step, "eval_loss": last_eval["loss"],
+                                   "eval_perplexity": last_eval["perplexity"]})
+            if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+                refuse_non_finite(step, "checkpoint")
+                rng_states = processes.gather(rng_state())  # every rank's, written by rank 0
+                # sharded: the adapter and optimizer state gathered whole (every rank takes part), written by rank 0
+                whole = {} if step_fn.fsdp is None else {
+                    "adapter_state": full_trainable_state(step_fn.fsdp),
+                    "optimizer_state": full_optimizer_state(step_fn.fsdp, optimizer)}
 
-            def save(step=step, record=record):
-                saved = save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler, step_fn.scaler,
-                                        stream.position, record, cfg.keep_last, fingerprint, rng_states, **whole)
-                output.commit()  # the new run can go on from here: an earlier run it replaces is deleted
-                return saved
+                def save(step=step, record=record):
+                    saved = save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler, step_fn.scaler,
+                                            stream.position, record, cfg.keep_last, fingerprint, rng_states, **whole)
+                    output.commit()  # the new run can go on from here: an earlier run it replaces is deleted
+                    return saved
 
-            last_checkpoint = processes.on_main(save)
+                last_checkpoint = processes.on_main(save)
+    except LostContact as e:  # a collective between the steps (token counts, checkpoints, evaluation)
+        raise TrainingError(f"step {step}: {e}; {last_good()}") from None
     if bar is not None:
         bar.close()
 
