@@ -496,10 +496,12 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
                     "optimizer_state": full_optimizer_state(step_fn.fsdp, optimizer)}
 
                 def save(step=step, record=record):
-                    saved = save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler, step_fn.scaler,
-                                            stream.position, record, cfg.keep_last, fingerprint, rng_states, **whole)
+                    nonlocal last_checkpoint  # (kept here: should sending it to the others fail, it was written)
+                    last_checkpoint = save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
+                                                      step_fn.scaler, stream.position, record, cfg.keep_last,
+                                                      fingerprint, rng_states, **whole)
                     output.commit()  # the new run can go on from here: an earlier run it replaces is deleted
-                    return saved
+                    return last_checkpoint
 
                 last_checkpoint = processes.on_main(save)
     except LostContact as e:  # a collective between the steps (token counts, checkpoints, evaluation)
