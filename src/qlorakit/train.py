@@ -461,8 +461,13 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
             scheduler.step()
             seconds = time.perf_counter() - tick
             real_tokens = sum(b.real_tokens for b in batches)
-            if processes.distributed:  # the run's: every rank's tokens (and rank 0's clock and memory)
-                real_tokens = int(processes.sum([real_tokens], step_fn.device)[0])
+            memory = peak_memory(step_fn.device)
+            if processes.distributed:  # one sum: every rank's tokens, and each rank's peak memory in its slot
+                (key, mine), = memory.items()
+                summed = processes.sum([real_tokens] + [mine if rank == processes.rank else 0.0
+                                                        for rank in range(processes.world)], step_fn.device)
+                real_tokens, by_rank = int(summed[0]), summed[1:]
+                memory = {key: max(by_rank), f"{key}_by_rank": by_rank}  # the run's key holds the largest
             record = {"step": step, "epoch": round(stream.progress, 4),
                       "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                       "trained_tokens": result.tokens, "tokens": real_tokens,
@@ -470,12 +475,6 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
                       "elapsed_s": time.perf_counter() - started}
             if step_fn.scaler is not None:  # fp16: the loss scale the next step starts with
                 record["scale"] = step_fn.scaler.get_scale()
-            memory = peak_memory(step_fn.device)
-            if processes.distributed:  # every rank's peak, in rank order; the run's key holds the largest
-                (key, mine), = memory.items()
-                by_rank = processes.sum([mine if rank == processes.rank else 0.0 for rank in range(processes.world)],
-                                        step_fn.device)
-                memory = {key: max(by_rank), f"{key}_by_rank": by_rank}
             record |= memory
             if main and (step % cfg.log_every == 0 or step == total_steps):
                 metrics.write(record)
