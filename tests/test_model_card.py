@@ -66,13 +66,14 @@ def _block(text: str, language: str) -> str:
     return _blocks(text, language)[0]
 
 
-def _parsed_command(text: str, env=None) -> TrainConfig:
-    """The card's `qlorakit train ...` line, expanded by bash as a user's shell would, through qlorakit's parser."""
-    line = next(line for line in _block(text, "bash").splitlines() if line.startswith("qlorakit train"))
+def _parsed_command(text: str, env=None, command: str = "train", config_class=TrainConfig) -> TrainConfig:
+    """The card's `qlorakit train ...` (or `dpo`) line, expanded by bash as a user's shell would, through
+    qlorakit's parser."""
+    line = next(line for line in _block(text, "bash").splitlines() if line.startswith(f"qlorakit {command}"))
     words = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True, check=True,
                            env=env).stdout.decode().split("\0")[:-1]
     args = build_parser().parse_args(words[1:])
-    return TrainConfig.build(None, **{name: getattr(args, name) for name in TrainConfig().to_dict()})
+    return config_class.build(None, **{name: getattr(args, name, None) for name in config_class().to_dict()})
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
@@ -126,7 +127,8 @@ def test_the_cards_command_and_settings_rebuild_the_runs_config(run):
     text = _card(run.output).text
     config = json.loads((run.output / "config.json").read_text())
     config.pop("compute_dtype"), config.pop("base_revision"), config.pop("world_size")  # what the run resolved
-    # and ran on, not settings
+    # and ran on, not settings; and what it minimised, which the command names
+    assert config.pop("objective") == "sft"
     assert _parsed_command(text).to_dict() == config
     assert TrainConfig.from_dict(yaml.safe_load(_block(text, "yaml"))).to_dict() == config
 

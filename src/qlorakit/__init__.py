@@ -1,6 +1,7 @@
 """qlorakit: QLoRA fine-tuning of causal language models, correct in every precision.
 
     run = qlorakit.train(model="smollm2-135m-instruct", data="train.jsonl", output="out")   # the whole run
+    run = qlorakit.train_preference(data="pairs.jsonl", loss="sigmoid", beta=0.1, output="dpo")  # then DPO & co.
 
     model, tokenizer = qlorakit.load("smollm2-135m-instruct", quant="nf4", dtype="auto")     # or piece by piece
     model = qlorakit.add_lora(model, rank=16, alpha=32)
@@ -21,12 +22,13 @@ import types as _types
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "QUANT_KINDS", "ConfigError", "DataError", "FastPathReport", "Generator", "Precision",
-    "PrecisionCallback", "PrecisionError", "QLoraKitError", "RunResult", "SFTTrainer", "Sampling", "SourceError",
-    "StepResult", "TrainConfig", "TrainStep",
+    "DEFAULT_MODEL", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "QUANT_KINDS", "ConfigError", "DataError",
+    "FastPathReport", "Generator", "Precision", "PrecisionCallback", "PrecisionError", "QLoraKitError", "RLOOTrainer",
+    "RewardTrainer", "RunResult", "SFTTrainer", "Sampling", "SourceError", "StepResult", "TrainConfig", "TrainStep",
     "TrainingError", "UpstreamError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "export_gguf",
     "fast_path_report", "generate", "guard",
     "load", "load_adapter", "load_data", "merge", "precision_of", "quantize", "save_quantized", "train",
+    "PreferenceConfig", "train_preference",
 ]
 
 
@@ -37,7 +39,8 @@ _HOMES = {
     "DEFAULT_MODEL": "choices", "QUANT_KINDS": "choices",
     "ConfigError": "errors", "DataError": "errors", "PrecisionError": "errors", "QLoraKitError": "errors",
     "SourceError": "errors", "TrainingError": "errors", "UpstreamError": "errors",
-    "TrainConfig": "config",
+    "TrainConfig": "config", "PreferenceConfig": "config",
+    "train_preference": "preference",
     "load": "load",
     "load_data": "data",
     "Precision": "precision", "precision_of": "precision",
@@ -48,7 +51,8 @@ _HOMES = {
     "eval_loss": "evaluate", "exact_match": "evaluate",
     "Generator": "generation", "Sampling": "generation", "generate": "generation",
     "export_gguf": "export", "merge": "export", "quantize": "export", "save_quantized": "export",
-    "PrecisionCallback": "trl_guard", "SFTTrainer": "trl_guard", "guard": "trl_guard",
+    "PrecisionCallback": "trl_guard", "guard": "trl_guard", "SFTTrainer": "trl_guard", "DPOTrainer": "trl_guard",
+    "KTOTrainer": "trl_guard", "RewardTrainer": "trl_guard", "RLOOTrainer": "trl_guard", "GRPOTrainer": "trl_guard",
 }
 
 

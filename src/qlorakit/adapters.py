@@ -283,7 +283,8 @@ def save_adapter(model, out, cfg, precision, data=None, state: dict | None = Non
         (tmp / "qlorakit.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         from .model_card import adapter_card  # (in place of PEFT's placeholder README.md)
 
-        card = adapter_card(cfg.to_dict() | {"world_size": world_size}, record, out, base_path)
+        card = adapter_card(cfg.to_dict() | {"world_size": world_size, "objective": cfg.OBJECTIVE}, record, out,
+                            base_path)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
 

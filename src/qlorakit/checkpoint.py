@@ -263,7 +263,10 @@ def _part_of(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 # (batch_size: as the global batch, batch_size x processes, by check_world)
 SAME_RUN = ("model", "data", "data_config", "split", "field", "streaming", "quant", "double_quant", "rank", "alpha",
             "rslora", "targets", "adapter", "seed", "grad_accum", "max_length", "packing", "train_on", "format",
-            "parse_special_tokens")
+            "parse_special_tokens", "objective", "loss", "beta", "simpo_gamma")
+
+
+_OBJECTIVES = {"sft": "fine-tuning", "preference": "preference-tuning"}
 
 
 def check_resumable(out: Path, config, world: int = 1) -> dict:
@@ -287,12 +290,19 @@ def check_resumable(out: Path, config, world: int = 1) -> dict:
     if not isinstance(saved, dict):
         raise TrainingError(f"{saved_path}: not the run's saved settings (a JSON object); start a new run "
                             "(--overwrite)")
-    changed = [k for k in SAME_RUN if k in saved and _setting(k, saved[k]) != _setting(k, getattr(config, k))]
+    if saved.get("objective", "sft") != config.OBJECTIVE:  # (runs saved before preference tuning have none)
+        command, other = ("qlorakit dpo", "qlorakit train") if config.OBJECTIVE == "sft" else (
+            "qlorakit train", "qlorakit dpo")
+        kind = _OBJECTIVES.get(saved.get("objective"), "other")
+        raise TrainingError(f"{out}: the run there is a {kind} run ({command}); {other} --resume cannot continue it: "
+                            f"resume it with {command} --resume")
+    now = config.to_dict()
+    changed = [k for k in SAME_RUN if k in saved and k in now and _setting(k, saved[k]) != _setting(k, now[k])]
     if changed:
         k = changed[0]
         raise TrainingError(
-            f"{out}: --resume with {k}={show(getattr(config, k))}, but the run was started with {k}={show(saved[k])}; "
-            f"a resumed run must keep {', '.join(SAME_RUN)}"
+            f"{out}: --resume with {k}={show(now[k])}, but the run was started with {k}={show(saved[k])}; "
+            f"a resumed run must keep {', '.join(s for s in SAME_RUN if s in now)}"
         )
     check_world(out, saved, config, world)
     return saved

@@ -35,9 +35,14 @@ def is_dtype_name(value, allow_auto: bool = False) -> bool:
 
 # ---------------------------------------------------------------------------------------------- data (data/)
 
-FORMATS = ("chat", "instruction", "prompt-completion", "text")
+# "preference" last: pairs of answers to one prompt (data/preference.py), for preference training only.
+FORMATS = ("chat", "instruction", "prompt-completion", "text", "preference")
 
 TRAIN_ON = ("assistant", "all")
+# Preference training's losses (preference.py): DPO's sigmoid, IPO, hinge (with a reference model), ORPO and SimPO
+# (without one).
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 ON_LONG = ("truncate", "drop", "error")
 
 # ---------------------------------------------------------------------------------------------- exports (export/)

@@ -1,6 +1,7 @@
 """The `qlorakit` command: a thin layer over the Python API.
 
     qlorakit train [CONFIG.yaml] [--data FILE] [--model SRC] ...   fine-tune (no data: the built-in demo task)
+    qlorakit dpo [CONFIG.yaml] [--data PAIRS] [--loss sigmoid] ...  tune on preference pairs (DPO, IPO, ORPO...)
     qlorakit chat --adapter DIR [--prompt TEXT]                     talk to base model + adapter
     qlorakit eval --adapter DIR --data FILE [--output F.jsonl]      loss, perplexity, exact match, wrong answers
     qlorakit precision [--dtype D]                                  what the precision policy resolves to here
@@ -20,8 +21,13 @@ from pathlib import Path
 
 # Only torch-free modules at the top: the parser is built from these, and `qlorakit --help` must answer at once.
 # Each command imports what it runs (torch, transformers, PEFT...) in its function.
-from .choices import BASES, COMPUTE_CHOICES, DEFAULT_MODEL, DEFAULT_SAVED_DTYPE, DTYPE_NAMES, GGUF_TYPES, QUANT_KINDS
-from .config import PARSE_SPECIAL_HELP, TrainConfig, choices_of, parse_field_map, read_yaml, value_kinds
+from .choices import (
+    BASES, COMPUTE_CHOICES, DEFAULT_MODEL, DEFAULT_SAVED_DTYPE, DTYPE_NAMES, GGUF_TYPES, QUANT_KINDS,
+    REFERENCE_FREE_LOSSES,
+)
+from .config import (
+    PARSE_SPECIAL_HELP, PreferenceConfig, TrainConfig, choices_of, parse_field_map, read_yaml, value_kinds,
+)
 from .errors import ConfigError, QLoraKitError
 
 BASE_HELP = ("what the adapter's delta is added to: quantized (default), the base it was trained against, quantized "
@@ -30,12 +36,14 @@ BASE_HELP = ("what the adapter's delta is added to: quantized (default), the bas
 
 
 def _train(args) -> int:
-    from .demo import run_demo
+    """`qlorakit train` and `qlorakit dpo`: one run (on this process or, with --nproc-per-node, on torchrun's), or
+    without data the command's built-in demo."""
     from .launcher import launch, launched, launched_rank
-    from .train import train
 
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig.build(args.config, **flags)  # checked here, before torchrun starts processes
+    preference = args.command == "dpo"
+    config_class = PreferenceConfig if preference else TrainConfig
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_class)}
+    config = config_class.build(args.config, **flags)  # checked here, before torchrun starts processes
     if args.nproc_per_node is not None:
         if launched():
             raise ConfigError("--nproc-per-node starts torchrun, and this process is one that a launcher (torchrun, "
@@ -47,23 +55,36 @@ def _train(args) -> int:
             from .distributed import check_launch
 
             check_launch(config, args.nproc_per_node)
-        return launch(_without_nproc(args.argv), args.nproc_per_node)
+        return launch(_without_nproc(args.argv, args.command), args.nproc_per_node, args.command)
     if config.data is None:
         if launched():
             raise ConfigError("the built-in demo (no --data) runs on one process; under torchrun give --data")
         settings = (read_yaml(args.config) if args.config else {}) | {k: v for k, v in flags.items() if v is not None}
-        demo = run_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
+        if preference:
+            from .demo import run_preference_demo
+
+            demo = run_preference_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
+        else:
+            from .demo import run_demo
+
+            demo = run_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
         return 0 if demo["after"]["accuracy"] > demo["before"]["accuracy"] else 1
-    run = train(config, overwrite=args.overwrite, progress=not args.quiet)
+    if preference:
+        from .preference import train_preference as run
+    else:
+        from .train import train as run
+    result = run(config, overwrite=args.overwrite, progress=not args.quiet)
     if launched_rank() == 0:
-        print(f"adapter (PEFT format) written to {run.output.resolve()}: adapter_config.json, "
-              "adapter_model.safetensors; metrics.jsonl, loss.png, config.json beside it")
+        extra = ", reference_logps.safetensors" if preference and config.loss not in REFERENCE_FREE_LOSSES else ""
+        print(f"adapter (PEFT format) written to {result.output.resolve()}: adapter_config.json, "
+              f"adapter_model.safetensors; metrics.jsonl, loss.png, config.json{extra} beside it")
     return 0
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The train command's arguments for each process torchrun starts: those given, less --nproc-per-node."""
-    rest = list(argv[argv.index("train") + 1:])
+def _without_nproc(argv: list[str], command: str = "train") -> list[str]:
+    """The train (or dpo) command's arguments for each process torchrun starts: those given, less
+    --nproc-per-node."""
+    rest = list(argv[argv.index(command) + 1:])
     out, skip = [], False
     for arg in rest:
         if skip:
@@ -314,14 +335,21 @@ def _default_text(f: dataclasses.Field) -> str:
     return f" (default {shown}: {note})" if note else f" (default {shown})"
 
 
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, from its declaration: --max-length for max_length, typed by its annotation,
-    with its choices and help, under its heading; --packing / --no-packing for a bool. Every default is None: a
-    flag that is not given leaves the YAML's value (or TrainConfig's default) alone."""
-    group = p
-    for f in dataclasses.fields(TrainConfig):
+def add_train_flags(p: argparse.ArgumentParser, config_class: type = TrainConfig) -> None:
+    """One flag per field of `config_class` (TrainConfig, or PreferenceConfig less its NOT_APPLICABLE fields), from
+    its declaration: --max-length for max_length, typed by its annotation, with its choices and help, under its
+    heading; --packing / --no-packing for a bool. Every default is None: a flag that is not given leaves the YAML's
+    value (or the config's default) alone."""
+    groups, group = {}, p
+    skipped = getattr(config_class, "NOT_APPLICABLE", {})
+    for f in dataclasses.fields(config_class):
+        if f.name in skipped:
+            continue
         if f.metadata["heading"]:
-            group = p.add_argument_group(f.metadata["heading"])
+            heading = f.metadata["heading"]
+            if heading not in groups:  # (a subclass's field that redeclares a default keeps its heading)
+                groups[heading] = p.add_argument_group(heading)
+            group = groups[heading]
         flag = "--" + f.name.replace("_", "-")
         text = (f.metadata["help"] + _default_text(f)).replace("%", "%%")  # argparse formats help with %
         kinds = value_kinds(f)
@@ -366,6 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun. "
                        "For several nodes run torchrun yourself (README: Several GPUs or nodes)")
     train.set_defaults(func=_train)
+
+    dpo = sub.add_parser(
+        "dpo", allow_abbrev=False, help="tune on preference pairs: DPO, IPO, hinge, ORPO, SimPO (no data: the "
+        "built-in preference demo)",
+        description="Tune a model on preference pairs (prompt, chosen, rejected) with LoRA adapters over frozen "
+        "quantized weights: DPO's sigmoid loss, IPO, hinge, ORPO or SimPO (--loss). The reference is the model as "
+        "the run starts (fresh adapters: the base; --adapter DIR: that adapter, e.g. an SFT run), computed once per "
+        "pair. Settings and outputs as for `qlorakit train` (its flags, less --train-on and --streaming), plus the "
+        "loss's. Without --data it runs the built-in preference demo on the default model.")
+    dpo.add_argument("config", nargs="?", help="YAML config file")
+    add_train_flags(dpo, PreferenceConfig)
+    dpo.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
+    dpo.add_argument("--quiet", action="store_true", help="no progress bar")
+    dpo.add_argument("--nproc-per-node", type=int, metavar="N",
+                     help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun")
+    dpo.set_defaults(func=_train)
 
     chat = sub.add_parser("chat", help="chat with a base model and adapter (interactive, or one --prompt)",
                           description="Chat with a base model plus adapter, in the base's chat template: greedy, "

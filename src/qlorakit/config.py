@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .choices import (
-    COMPUTE_CHOICES, DEFAULT_MODEL, FORMATS, ON_LONG, QUANT_KINDS, TRACKERS, TRAIN_ON, is_dtype_name,
+    COMPUTE_CHOICES, DEFAULT_MODEL, FORMATS, ON_LONG, PREFERENCE_LOSSES, QUANT_KINDS, TRACKERS, TRAIN_ON,
+    is_dtype_name,
 )
 from .errors import ConfigError, check_number, show
 
@@ -57,6 +58,7 @@ def value_kinds(f: dataclasses.Field) -> set[str]:
 
 @dataclass
 class TrainConfig:
+    OBJECTIVE = "sft"  # what the run minimises (config.json's "objective"): next-token loss on examples
     model: str = option(DEFAULT_MODEL, "HF model directory, .gguf file, Hub id (org/name or org/name@revision; a "
                         "local path of that name wins), or the default model's name", heading="model")
     quant: str = option("nf4", "base weight quantization", choices=QUANT_KINDS)
@@ -272,6 +274,57 @@ class TrainConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"report_to={show(self.report_to)} names a tracker twice")
         return tuple(names)
+
+
+@dataclass
+class PreferenceConfig(TrainConfig):
+    """A preference-tuning run (`qlorakit dpo`, preference.train_preference): TrainConfig's settings, less those
+    that do not apply (NOT_APPLICABLE: their flags are left out of `qlorakit dpo`, a config file that sets them is
+    refused), plus the loss and its strengths. Its data are pairs: prompt, chosen, rejected."""
+
+    OBJECTIVE = "preference"
+    NOT_APPLICABLE = {
+        "train_on": "preference training scores the chosen and rejected completions, never the prompt",
+        "streaming": "preference training reads the data whole: each pair's reference log-probabilities are "
+                     "computed once, before the first step",
+    }
+
+    lr: float = option(5e-5, "peak learning rate", heading="optimisation")
+    output: str = option("qlorakit-dpo", "run directory: adapter, config, metrics, checkpoints", heading="run")
+    loss: str = option("sigmoid", "sigmoid: DPO; ipo: IPO (per-token log-ratios); hinge: SLiC's hinge; orpo: ORPO "
+                       "(odds ratio plus the chosen answers' NLL, no reference); simpo: SimPO (length-normalised, "
+                       "no reference)", choices=PREFERENCE_LOSSES, heading="preference")
+    beta: float = option(0.1, "strength: DPO/hinge/SimPO's inverse temperature, IPO's 1/(2 beta) target margin, "
+                         "ORPO's weight of the odds-ratio term")
+    simpo_gamma: float = option(0.5, "SimPO's target reward margin gamma: its loss is -log sigmoid(beta x (mean "
+                                "log-prob of chosen - of rejected) - gamma)")
+
+    def validate(self, where: str = "config") -> None:
+        super().validate(where)
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        for key, why in self.NOT_APPLICABLE.items():
+            if getattr(self, key) != defaults[key]:
+                raise ConfigError(f"{where}: {key}={show(getattr(self, key))} does not apply to preference training: "
+                                  f"{why}; leave it out")
+        if self.format not in ("auto", "preference"):
+            raise ConfigError(f"{where}: format={show(self.format)}: preference training reads pairs (prompt, chosen, "
+                              "rejected); use format auto or preference")
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ConfigError(f"{where}: loss={show(self.loss)} is not a preference loss; use one of "
+                              f"{', '.join(PREFERENCE_LOSSES)}")
+        check_number("beta", self.beta, 0.0, None, low_ok=False, where=where, hint="typical: 0.1 (0.01 to 0.5)")
+        check_number("simpo_gamma", self.simpo_gamma, 0.0, None, low_ok=True, where=where,
+                     hint="typical: 0.5 to 1.5")
+
+
+def config_class(objective: str | None) -> type[TrainConfig]:
+    """The config class of a run whose config.json says `objective` (None: a run saved before there were two)."""
+    return PreferenceConfig if objective == PreferenceConfig.OBJECTIVE else TrainConfig
+
+
+def command_of(objective: str | None) -> str:
+    """The `qlorakit` command that runs (and resumes) a run of `objective`."""
+    return "dpo" if objective == PreferenceConfig.OBJECTIVE else "train"
 
 
 def parse_field_map(given) -> dict[str, str]:

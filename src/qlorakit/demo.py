@@ -68,6 +68,11 @@ def demo_files(n_train: int = 240, n_heldout: int = 60, seed: int = 0) -> tuple[
     """The built-in task's training and held-out rows (demo_rows) as JSONL files in qlorakit's cache:
     CACHE/demo/<hash of their contents>/train.jsonl and heldout.jsonl. The name is the contents' hash, so a rerun
     reuses them and two demos writing at once write the same (published whole, the first one's kept)."""
+    return _cached_files(*demo_rows(n_train, n_heldout, seed))
+
+
+def _cached_files(train_rows: list[dict], heldout_rows: list[dict]) -> tuple[Path, Path]:
+    """Training and held-out rows as train.jsonl and heldout.jsonl in CACHE/demo/<hash of their contents>/."""
     import hashlib
     import json
 
@@ -75,7 +80,7 @@ def demo_files(n_train: int = 240, n_heldout: int = 60, seed: int = 0) -> tuple[
     from .outputs import atomic_directory
 
     texts = {name: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-             for name, rows in zip(("train.jsonl", "heldout.jsonl"), demo_rows(n_train, n_heldout, seed))}
+             for name, rows in zip(("train.jsonl", "heldout.jsonl"), (train_rows, heldout_rows))}
     digest = hashlib.sha256("\0".join(texts[name] for name in sorted(texts)).encode()).hexdigest()[:16]
     directory = cache_dir() / "demo" / digest
     if not all(_holds(directory / name, text) for name, text in texts.items()):  # missing, or changed by hand
@@ -135,3 +140,110 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: b
     log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; try it with: "
         f"qlorakit chat --adapter {result.output} --prompt $'{INSTRUCTION}\\nSven, 41, works as a pilot in Oslo.'")
     return {"before": before, "after": after, "output": result.output, "seconds": seconds, "run": result}
+
+
+# ---------------------------------------------------------------------------------------------- preference demo
+# The same task as preference pairs (`qlorakit dpo` without --data): the chosen answer is the record in the asked
+# format; the rejected one a plausible miss, in turn a wrong field (another age or city) or the format the default
+# model leans to (spaces or commas between the fields, labelled fields, fields in another order). Measured on the
+# default model (nf4, fp32; 30 pairs each): it already prefers the right field ~98% of the time and the asked
+# format 0-77% of the time, so before tuning it prefers the chosen answer on about half of the pairs.
+REJECTIONS = ("spaces", "age", "commas", "city", "labels", "order")
+PREFERENCE_SETTINGS = dict(max_steps=30, batch_size=8, lr=5e-4, schedule="cosine", warmup_steps=3, max_length=256,
+                           loss="sigmoid", beta=0.1, output="qlorakit-dpo-demo")
+
+
+def _rejected(fields: dict, kind: str, rng: random.Random) -> str:
+    f = dict(fields)
+    if kind == "age":
+        f["age"] = f["age"] + rng.choice([-3, -2, -1, 1, 2, 3])
+    elif kind == "city":
+        f["city"] = rng.choice([city for city in CITIES if city != f["city"]])
+    elif kind == "spaces":
+        return f"{f['name']} | {f['age']} | {f['job']} | {f['city']}"
+    elif kind == "commas":
+        return f"{f['name']}, {f['age']}, {f['job']}, {f['city']}"
+    elif kind == "labels":
+        return f"name: {f['name']}|age: {f['age']}|job: {f['job']}|city: {f['city']}"
+    elif kind == "order":
+        return f"{f['name']}|{f['age']}|{f['city']}|{f['job']}"
+    return f"{f['name']}|{f['age']}|{f['job']}|{f['city']}"
+
+
+def preference_rows(n_train: int = 240, n_heldout: int = 60, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Training and held-out preference pairs of the built-in task ({"prompt": [user turn], "chosen": [assistant
+    turn], "rejected": [assistant turn]}), the rejections cycling through REJECTIONS; no held-out sentence appears
+    in training."""
+    rng = random.Random(f"preference:{seed}")
+    pairs = []
+    for i, row in enumerate(sum(demo_rows(n_train, n_heldout, seed), [])):
+        user, answer = row["messages"]
+        name, age, job, city = answer["content"].split("|")
+        fields = {"name": name, "age": int(age), "job": job, "city": city}
+        rejected = _rejected(fields, REJECTIONS[i % len(REJECTIONS)], rng)
+        pairs.append({"prompt": [user], "chosen": [answer],
+                      "rejected": [{"role": "assistant", "content": rejected}]})
+    return pairs[:n_train], pairs[n_train:]
+
+
+def preference_files(n_train: int = 240, n_heldout: int = 60, seed: int = 0) -> tuple[Path, Path]:
+    """preference_rows as train.jsonl and heldout.jsonl in qlorakit's cache (as demo_files)."""
+    return _cached_files(*preference_rows(n_train, n_heldout, seed))
+
+
+def preference_accuracy(model, tokenizer, heldout: Path, max_length: int, batch_size: int = 8) -> dict:
+    """How often the model gives the chosen answer of a held-out pair a higher log-probability than the rejected
+    one (the preference it holds, whatever its reference)."""
+    from .data import load_data, pad_id_of
+    from .preference import PreferenceObjective
+
+    pairs = load_data(str(heldout), tokenizer, max_length=max_length).train
+    sums, _ = PreferenceObjective().sequence_logps_of(model, pairs, pad_id_of(tokenizer), batch_size, True)
+    correct = int((sums[:, 0] > sums[:, 1]).sum())
+    return {"accuracy": correct / len(pairs), "correct": correct, "total": len(pairs)}
+
+
+def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: bool = False,
+                        **overrides) -> dict:
+    """Preference-tune the default model on the built-in pairs (preference_rows) and report, on held-out pairs, how
+    often it prefers the chosen answer before and after, and the run's held-out reward accuracy. A user's run:
+    `train_preference` on the pairs' JSONL files, the held-out file as its validation data.
+
+    Returns {"before": ..., "after": ..., "eval": the run's held-out metrics, "output": ..., "seconds": ...,
+    "run": the RunResult}."""
+    import time
+
+    from .config import PreferenceConfig
+    from .load import load
+    from .outputs import check_output
+    from .preference import train_preference
+
+    started = time.perf_counter()
+    settings = PREFERENCE_SETTINGS | {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("warmup_steps") is None and isinstance(settings["max_steps"], int):
+        settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"])
+    config = PreferenceConfig.build(None, **settings)
+    check_output(config.output, "train", overwrite, config.resume, earlier=(
+        "replace it with `qlorakit dpo --overwrite`, or choose another --output"))
+    model, tokenizer = load(config.model, quant=config.quant, double_quant=config.double_quant, dtype=config.dtype,
+                            device=config.device)
+    train_file, heldout_file = preference_files(n_heldout=n_heldout, seed=config.seed)
+    config = PreferenceConfig.from_dict(config.to_dict() | {"data": str(train_file),
+                                                            "validation_data": str(heldout_file)})
+    n_train = sum(1 for line in train_file.read_text(encoding="utf-8").splitlines() if line.strip())
+    log(f"built-in preference task: {INSTRUCTION!r}, the chosen answer in that format, the rejected one with a "
+        f"wrong field or another format ({n_train} training pairs, {n_heldout} held out; written to "
+        f"{train_file.parent})")
+    before = preference_accuracy(model, tokenizer, heldout_file, config.max_length, config.batch_size)
+    log(f"held-out pairs where the model prefers the chosen answer, before tuning: {before['accuracy']:.0%} "
+        f"({before['correct']}/{before['total']})")
+    result = train_preference(config, loaded=(model, tokenizer), overwrite=overwrite, log=log, progress=progress)
+    after = preference_accuracy(result.model, tokenizer, heldout_file, config.max_length, config.batch_size)
+    seconds = time.perf_counter() - started
+    log(f"held-out pairs where the model prefers the chosen answer, after tuning:  {after['accuracy']:.0%} "
+        f"({after['correct']}/{after['total']}); held-out reward accuracy {result.eval['reward_accuracy']:.0%}, "
+        f"margin {result.eval['reward_margin']:.2f}")
+    log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; try it with: "
+        f"qlorakit chat --adapter {result.output} --prompt $'{INSTRUCTION}\\nSven, 41, works as a pilot in Oslo.'")
+    return {"before": before, "after": after, "eval": result.eval, "output": result.output, "seconds": seconds,
+            "run": result}

@@ -258,7 +258,7 @@ def device_of(processes: Processes, device: str) -> str:
     return device
 
 
-def wrap(model: torch.nn.Module, processes: Processes):
+def wrap(model: torch.nn.Module, processes: Processes, compute=None):
     """The run's loss computation in DistributedDataParallel: None for one process. The adapters start equal on
     every rank (rank 0's, sent to the others); only trainable parameters (the adapters) are registered — frozen
     quantized weights never enter DDP's buckets — and DDP does not send the frozen base at start (init_sync off:
@@ -272,22 +272,28 @@ def wrap(model: torch.nn.Module, processes: Processes):
             if p.requires_grad:
                 processes._collective(torch.distributed.broadcast, p.data, src=0)
     device = next(p for p in model.parameters() if p.requires_grad).device
-    return DistributedDataParallel(LossOf(model), device_ids=[device.index] if device.type == "cuda" else None,
+    return DistributedDataParallel(LossOf(model, compute),
+                                   device_ids=[device.index] if device.type == "cuda" else None,
                                    init_sync=False, forward_sync_buffers=False)
 
 
 class LossOf(torch.nn.Module):
-    """batch_loss as a module, for DistributedDataParallel to wrap: DDP starts its gradient hooks in its forward,
-    and qlorakit's loss is computed from the decoder and the output head, not the model's own forward."""
+    """The training objective's forward (`compute(model, inputs, labels, sequences)`: train.LanguageModeling's
+    batch_loss by default, or a preference objective's per-sequence log-probabilities) as a module, for
+    DistributedDataParallel and FSDP to wrap: they start their gradient hooks (and gathers) in its forward, and
+    qlorakit computes from the decoder and the output head, not the model's own forward."""
 
-    def __init__(self, model):
+    def __init__(self, model, compute=None):
         super().__init__()
         self.model = model
+        self.compute = compute
 
-    def forward(self, inputs: dict, labels: torch.Tensor):
-        from .loss import batch_loss
+    def forward(self, inputs: dict, labels: torch.Tensor, sequences: torch.Tensor | None = None):
+        if self.compute is None:
+            from .loss import batch_loss
 
-        return batch_loss(self.model, inputs, labels)
+            return batch_loss(self.model, inputs, labels)
+        return self.compute(self.model, inputs, labels, sequences)
 
 
 # ---- FSDP2
@@ -326,7 +332,8 @@ def check_launch(config, nproc: int) -> None:
         check_shardable(Processes(world=nproc), config.quant)
 
 
-def shard(model: torch.nn.Module, processes: Processes, optimizer: torch.optim.Optimizer | None = None):
+def shard(model: torch.nn.Module, processes: Processes, optimizer: torch.optim.Optimizer | None = None,
+          compute=None):
     """The model's decoder layers and then its loss computation (LossOf, the root unit: qlorakit's loss reads the
     decoder and the head, not the model's forward, so the root's gather must run around batch_loss) sharded
     across the ranks with FSDP2; returns the root, which the training step calls as DDP's wrapper. The adapters
@@ -372,7 +379,7 @@ def shard(model: torch.nn.Module, processes: Processes, optimizer: torch.optim.O
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))  # the run's process group
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    root = fully_shard(LossOf(model), mesh=mesh)
+    root = fully_shard(LossOf(model, compute), mesh=mesh)
 
     def gather_root(module, args, kwargs):  # a no-op inside the root's forward, where its weights are gathered
         root.unshard()

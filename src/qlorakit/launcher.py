@@ -61,9 +61,9 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def launch(argv: list[str], nproc: int) -> int:
-    """`qlorakit train --nproc-per-node N ...`: torchrun, on this machine, starting N processes of `qlorakit
-    train ...` (argv without the flag). If one fails, torchrun stops the others; the one that failed first is named
+def launch(argv: list[str], nproc: int, command: str = "train") -> int:
+    """`qlorakit train --nproc-per-node N ...` (or `dpo`: `command`): torchrun, on this machine, starting N
+    processes of `qlorakit train ...` (argv without the flag). If one fails, torchrun stops the others; the one that failed first is named
     (torchrun's own log lines are left out: this says what they would). Its log directory is a temporary one."""
     import tempfile
 
@@ -76,7 +76,7 @@ def launch(argv: list[str], nproc: int) -> int:
     logs = tempfile.TemporaryDirectory(prefix="qlorakit-torchrun-")
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--log-dir", logs.name,
                                          "--module", "qlorakit"])
-    args.training_script_args = ["train", *argv]  # (not through torchrun's parser, which reads flags it shares)
+    args.training_script_args = [command, *argv]  # (not through torchrun's parser, which reads flags it shares)
     os.environ[LAUNCHER_PID] = str(os.getpid())
     for name in ("torch.distributed.elastic", "torch.distributed.run"):  # (its OMP_NUM_THREADS=1 notice included:
         logging.getLogger(name).setLevel(logging.CRITICAL)               # the README says it)

@@ -1,4 +1,5 @@
-"""The causal language-modelling loss, always in fp32 (DESIGN.md)."""
+"""The causal language-modelling loss and the per-token log-probabilities preference losses sum, always in fp32
+(DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,44 @@ def batch_loss(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor,
     lm_head product runs in the policy's compute dtype (the head's weight is frozen in it), whatever dtype the
     hidden states arrive in."""
     from .kernels import chunked_causal_lm_loss
+
+    states, head = _last_states(model, inputs)
+    if head is None:
+        return causal_lm_loss(states, labels)
+    return chunked_causal_lm_loss(states, head, labels)
+
+
+def token_logps(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 [k] log-probabilities of a batch's k trained next tokens, bool [rows * (length - 1)] which positions
+    of labels[:, 1:].reshape(-1) they are): what preference losses sum per sequence, e.g.
+    `torch.zeros(count).index_add(0, sequences[:, 1:].reshape(-1)[trained], logps)`. Labels are unshifted, as for
+    `batch_loss` (position t is predicted from positions up to t - 1), IGNORE_INDEX for untrained positions; the
+    same two paths: the chunked kernel from the hidden states where the head is plain, log_softmax of the full
+    logits in fp32 otherwise."""
+    from .kernels import chunked_token_logps
+
+    states, head = _last_states(model, inputs)
+    states = states[:, :-1].reshape(-1, states.shape[-1])
+    targets = labels[:, 1:].reshape(-1).to(states.device)
+    trained = targets != IGNORE_INDEX
+    if not bool(trained.all()):  # untrained positions cost nothing
+        states, targets = states[trained], targets[trained]
+    if head is None:
+        logps = F.log_softmax(states.to(LOSS_DTYPE), dim=-1)
+        return logps.gather(1, targets.unsqueeze(1)).squeeze(1), trained
+    return chunked_token_logps(states, head, targets), trained
+
+
+def _last_states(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's last states on `inputs` and what turns them into logits: (hidden states [rows, length,
+    hidden], lm_head weight [vocab, hidden]) where the logits are a plain lm_head product, so a chunked kernel
+    may compute from them without the full logits; (logits, None) otherwise."""
     from .precision import precision_of
     from .upstream.transformers import plain_output_head
 
     parts = plain_output_head(model)
     if isinstance(parts, str):
-        return causal_lm_loss(model(**inputs).logits, labels)
+        return model(**inputs).logits, None
     decoder, head = parts
     compute = precision_of(model).compute
     if head.weight.dtype != compute:
@@ -46,5 +79,4 @@ def batch_loss(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor,
             f"lm_head.weight is {dtype_name(head.weight.dtype)} but the compute dtype is {dtype_name(compute)} "
             "(frozen non-quantized weights stay in the compute dtype); call qlorakit.precision_of(model).apply(model)"
         )
-    hidden = decoder(**inputs).last_hidden_state
-    return chunked_causal_lm_loss(hidden, head.weight, labels)
+    return decoder(**inputs).last_hidden_state, head.weight

@@ -62,7 +62,9 @@ def peak_memory(device) -> dict:
 
 
 def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | None:
-    """Training loss per step (and evaluation loss where logged) as a PNG; None when there is nothing to plot."""
+    """Training loss per step (and evaluation loss where logged) as a PNG; None when there is nothing to plot. A
+    preference run's records (reward_accuracy) add a second panel: reward accuracy and margin, training and held out.
+    """
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:
@@ -72,15 +74,37 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    preference = any("reward_accuracy" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100,
+                             squeeze=False)
+    ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per trained token")
+    ax.set_ylabel("preference loss per pair" if preference else "loss per trained token")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        right = axes[0][1]
+        for key, style, label in (("reward_accuracy", "-", "reward accuracy"),
+                                  ("eval_reward_accuracy", "o-", "held-out reward accuracy")):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                right.plot(*zip(*points), style, label=label, linewidth=1.2)
+        right.set_ylim(-0.02, 1.02)
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("share of pairs whose chosen answer earns the higher reward")
+        margin = right.twinx()
+        points = [(r["step"], r["reward_margin"]) for r in records if "reward_margin" in r]
+        if points:
+            margin.plot(*zip(*points), ":", color="gray", label="reward margin", linewidth=1.0)
+        margin.set_ylabel("reward margin (chosen - rejected)")
+        right.grid(alpha=0.3)
+        handles = right.get_legend_handles_labels()
+        extra = margin.get_legend_handles_labels()
+        right.legend(handles[0] + extra[0], handles[1] + extra[1], loc="lower right")
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")

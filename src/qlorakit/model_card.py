@@ -50,7 +50,7 @@ def adapter_card(config: dict, record: dict, directory, base_dir) -> str:
     base, `base_dir` the local directory the base was loaded from (its README.md gives the license)."""
     metrics = read_metrics(Path(directory) / "metrics.jsonl")
     front = _front_matter("adapter", _base(record), _hub_dataset(config.get("data")), record.get("quant"),
-                          _license(base_dir))
+                          _license(base_dir), _method(config))
     return _render(front, _adapter_body(config, record, metrics, front, directory))
 
 
@@ -89,7 +89,7 @@ def merged_card(adapter_dir, source_dir, base_source: str, merge_settings: dict)
     base = _base(record if merge_settings.get("model") is None and record else {"base_model": base_source})
     adapter_front = _card_metadata(adapter_dir)
     datasets = adapter_front.get("datasets") if adapter_front is not None else _hub_dataset(config.get("data"))
-    front = _front_matter("merged", base, datasets, record.get("quant"), _license(source_dir))
+    front = _front_matter("merged", base, datasets, record.get("quant"), _license(source_dir), _method(config))
     metrics = read_metrics(adapter_dir / "metrics.jsonl")
     return _render(front, _merged_body(adapter_dir, config, record, metrics, front, base, merge_settings))
 
@@ -112,12 +112,13 @@ def train_command(config: dict, record: dict | None = None) -> str:
     """`qlorakit train ...` with the settings of `config` that differ from TrainConfig's defaults (flags as
     cli.add_train_flags makes them), pinned by qlorakit.json's `record` to what the run resolved (_pinned), home
     paths as ~/..."""
-    from .config import TrainConfig, value_kinds
+    from .config import command_of, config_class, value_kinds
 
-    words, settings = ["qlorakit", "train"], _pinned(config, record or {})
+    objective = config.get("objective")
+    words, settings = ["qlorakit", command_of(objective)], _pinned(config, record or {})
     if config.get("world_size", 1) > 1:  # (the run's processes: with its batch_size, its global batch)
         words += ["--nproc-per-node", str(config["world_size"])]
-    for f in fields(TrainConfig):
+    for f in fields(config_class(objective)):
         if f.name not in settings or settings[f.name] == f.default:
             continue
         value = settings[f.name]
@@ -210,17 +211,29 @@ def _license(base_dir) -> dict:
     return found if "license" in found else {}
 
 
-def _front_matter(kind: str, base: dict, datasets, quant, license: dict) -> dict:
-    """The card's metadata; `quant` is the base's quantization (in training, or the quantized export's)."""
+def _front_matter(kind: str, base: dict, datasets, quant, license: dict, objective: str | None = None) -> dict:
+    """The card's metadata; `quant` is the base's quantization (in training, or the quantized export's);
+    `objective` the training run's (config.json's: sft, or preference tagged with its loss's method)."""
     quantized = bool(quant) and quant != "none"
     if kind == "quantized":
         tags = ["qlorakit", "bitsandbytes", quant, "8-bit" if quant == "int8" else "4-bit"]
     else:
-        tags = ["qlorakit", "lora", *(["qlora", quant] if quantized else []), "sft"]
+        tags = ["qlorakit", "lora", *(["qlora", quant] if quantized else []), objective or "sft"]
     return {key: value for key, value in {
         "base_model": base["hub"], "base_model_relation": RELATION[kind] if base["hub"] else None,
         "datasets": list(datasets) if datasets else None, "library_name": LIBRARY[kind],
         "pipeline_tag": "text-generation", "tags": tags, **license}.items() if value is not None}
+
+
+# The Hub's tag for the method of a preference run's loss.
+_PREFERENCE_TAGS = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "dpo", "orpo": "orpo", "simpo": "simpo"}
+
+
+def _method(config: dict) -> str:
+    """The training method a card is tagged with: sft, or the preference loss's (dpo, ipo, orpo, simpo)."""
+    if config.get("objective") == "preference":
+        return _PREFERENCE_TAGS.get(config.get("loss"), "dpo")
+    return "sft"
 
 
 def _render(front: dict, body: str) -> str:
@@ -267,9 +280,10 @@ def _pinned(config: dict, record: dict) -> dict:
     """The TrainConfig settings of `config` as they ran, from the start (`resume` left out), with what the run
     resolved as qlorakit.json's `record` says: `dtype: auto` -> the compute dtype, a Hub base -> its id at the
     commit it was trained from (another machine, or a later day, would resolve them otherwise)."""
-    from .config import TrainConfig
+    from .config import config_class
 
-    pinned = {f.name: config[f.name] for f in fields(TrainConfig) if f.name in config and f.name != "resume"}
+    pinned = {f.name: config[f.name] for f in fields(config_class(config.get("objective")))
+              if f.name in config and f.name != "resume"}
     if pinned.get("dtype") == "auto" and record.get("dtype"):
         pinned["dtype"] = record["dtype"]
     base = _base(record)
@@ -343,10 +357,23 @@ def _results(metrics: list[dict]) -> list[str]:
         before = f"; {last['exact_match_before']:.1%} before training" if "exact_match_before" in last else ""
         rows.append(f"| held-out exact match (greedy) | {last['exact_match']:.1%} "
                     f"({last['exact_match_correct']}/{last['exact_match_total']}{before}) |")
+    preference = [r for r in metrics if "reward_accuracy" in r]
+    if preference:
+        last = preference[-1]
+        rows.append(f"| reward accuracy, margin (step {last['step']}) | {last['reward_accuracy']:.1%}, "
+                    f"{last['reward_margin']:.3f} |")
+    held = [r for r in metrics if "eval_reward_accuracy" in r]
+    if held:
+        last = held[-1]
+        rows.append(f"| held-out reward accuracy, margin (step {last['step']}) | "
+                    f"{last['eval_reward_accuracy']:.1%}, {last['eval_reward_margin']:.3f} |")
     if not rows:
         return ["No metrics were recorded with this adapter (no metrics.jsonl beside it)."]
-    return ["Losses are the mean cross-entropy per trained token (fp32).", "", "| metric | value |", "|---|---|",
-            *rows]
+    what = ("Losses are the preference loss per pair (fp32); a pair's reward is beta times its answer's "
+            "log-probability ratio to the reference (ORPO, SimPO: its mean token log-probability), and the accuracy "
+            "is the share of pairs whose chosen answer earns the higher reward." if preference or held else
+            "Losses are the mean cross-entropy per trained token (fp32).")
+    return [what, "", "| metric | value |", "|---|---|", *rows]
 
 
 def _precision_lines(record: dict) -> list[str]:
@@ -374,13 +401,13 @@ def _precision_lines(record: dict) -> list[str]:
 def _reproduce(config: dict, record: dict) -> list[str]:
     import yaml
 
-    from .config import TrainConfig
+    from .config import command_of, config_class
 
     if not config:
         return ["The run's settings were not recorded (no config.json beside the adapter)."]
     pinned = _pinned(config, record)
     settings = {key: _plain(value) for key, value in pinned.items()}
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults = {f.name: f.default for f in fields(config_class(config.get("objective")))}
     notes = [f"# {key}: {config.get(key)} resolved to {pinned[key]} in training: pinned"
              for key in ("model", "dtype") if key in pinned and config.get(key) != pinned[key]]
     notes += [f"# {key}: null has no flag; run with the settings file below instead"
@@ -391,7 +418,8 @@ def _reproduce(config: dict, record: dict) -> list[str]:
         notes.append(f"# trained on {world} processes of batch_size {batch}: on {world} GPUs (or several nodes, with "
                      f"torchrun), or on one process with --batch-size {world * batch}, the same global batch")
     return ["```bash", *notes, train_command(config, record), "```", "",
-            "Every setting of the run (a config file for `qlorakit train CONFIG.yaml`):", "",
+            f"Every setting of the run (a config file for `qlorakit {command_of(config.get('objective'))} "
+            "CONFIG.yaml`):", "",
             "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```"]
 
 

@@ -40,9 +40,11 @@ from .errors import ConfigError, TrainingError
 MARKER = ".qlorakit-output"
 GGUF_KEY = "qlorakit.version"
 # What a training run writes into its directory: the adapter and its model card (README.md), the run's records,
-# checkpoints, and what --report-to trackers keep there (trackers.json holds their run ids for a --resume).
+# checkpoints, what --report-to trackers keep there (trackers.json holds their run ids for a --resume), and a
+# preference run's reference log-probabilities (preference.REFERENCE_FILE).
 TRAIN_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "qlorakit.json", "config.json",
-               "metrics.jsonl", "loss.png", "checkpoints", "trackers.json", "tensorboard", "wandb", "mlflow")
+               "metrics.jsonl", "loss.png", "checkpoints", "trackers.json", "tensorboard", "wandb", "mlflow",
+               "reference_logps.safetensors")
 DESCRIBE = {"train": "training run", "merge": "merged model", "quantize": "quantized model", "gguf": "GGUF file",
             "eval": "file of eval answers"}
 # The longest first line of a file of eval answers read to recognise it (a line is one example's prompt and answers).

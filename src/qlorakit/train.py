@@ -34,7 +34,7 @@ from .distributed import (
     LostContact, Processes, check_shardable, device_of, full_optimizer_state, full_trainable_state,
     is_communication_error, join_run, load_full_optimizer_state, lost_contact, shard, wrap,
 )
-from .errors import ConfigError, TrainingError, check_number
+from .errors import ConfigError, DataError, TrainingError, check_number
 from .evaluate import eval_loss
 from .load import load, quantization_summary
 from .loss import batch_loss, causal_lm_loss
@@ -43,19 +43,66 @@ from .optim import make_optimizer, make_scheduler
 from .outputs import atomic_write_json, claim_run_directory, is_disk_full
 from .fast_path import fast_path_report
 from .precision import Precision, dtype_name, precision_of, resolve_device
+from .preference import write_reference
 from .trackers import Trackers, check_trackers
 from .upstream.torch_private import is_compiled
 from .upstream.transformers import enable_checkpointing
 
-__all__ = ["RunResult", "StepResult", "TrainStep", "causal_lm_loss", "train"]
+__all__ = ["LanguageModeling", "RunResult", "StepResult", "TrainStep", "causal_lm_loss", "run", "train"]
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean fp32 loss per trained token
+    loss: float  # the objective's fp32 loss (SFT: mean per trained token)
     tokens: int  # trained tokens
     grad_norm: float
     skipped: bool  # the GradScaler found inf/nan gradients and skipped the update
+    stats: dict = field(default_factory=dict)  # the objective's metrics of the step (preference: rewards...)
+
+
+class LanguageModeling:
+    """What SFT minimises: the next-token cross-entropy, in fp32, summed over the trained tokens of the step's
+    micro-batches (on every rank) and divided by their number, so accumulation and several processes equal one big
+    batch. The interface train.py's step and run use; preference.PreferenceObjective is the other."""
+
+    name = "sft"
+    command = "train"
+    config_class = TrainConfig
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> "LanguageModeling":
+        return cls()
+
+    def counts(self, batch: Batch) -> list[float]:
+        return [batch.trained_tokens]
+
+    def forward(self, model, inputs: dict, labels: torch.Tensor, sequences=None):
+        return batch_loss(model, inputs, labels)
+
+    def loss(self, outputs, batch: Batch, counts: list[float]) -> tuple[torch.Tensor, dict]:
+        loss_sum, _ = outputs
+        return loss_sum / max(counts[0], 1), {}
+
+    def stat_names(self) -> tuple[str, ...]:
+        return ()
+
+    def summary(self, stats: dict, counts: list[float]) -> dict:
+        return {}
+
+    def prepare(self, *args, **kwargs):
+        return None  # nothing to compute before training
+
+    def evaluate(self, model, items, pad_id: int, batch_size: int, packed: bool, processes=None) -> dict:
+        return eval_loss(model, items, pad_id, batch_size, packed, processes)
+
+    @staticmethod
+    def describe_eval(result: dict) -> str:
+        return (f"validation: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+                f"({result['tokens']} tokens)")
+
+    @staticmethod
+    def eval_record(result: dict) -> dict:
+        return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
 
 
 class TrainStep:
@@ -66,7 +113,7 @@ class TrainStep:
 
     def __init__(self, model, lr: float = 2e-4, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  optimizer: torch.optim.Optimizer | None = None, processes: Processes | None = None,
-                 fsdp: bool = False):
+                 fsdp: bool = False, objective=None):
         _check_number("max_grad_norm", max_grad_norm, allow_none=True)
         if optimizer is None:
             _check_number("lr", lr)
@@ -87,16 +134,18 @@ class TrainStep:
         self.scaler = self.precision.grad_scaler(sharded=fsdp)
         self.precision.check(model, self.scaler)
         self.processes = processes or Processes()
+        self.objective = objective or LanguageModeling()
         # fsdp: the base sharded across the ranks (distributed.shard; its root computes the loss, as DDP's wrapper
         # does), before the optimizer is made: sharding replaces the parameters (a given optimizer follows them)
-        self.fsdp = shard(model, self.processes, optimizer) if fsdp else None
+        self.fsdp = shard(model, self.processes, optimizer, self.objective.forward) if fsdp else None
         if self.fsdp is not None:
             self.precision.check(model, self.scaler)  # the policy holds on the sharded model too
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
         self.device = self.params[0].device
-        self.ddp = wrap(model, self.processes) if self.fsdp is None else None  # None on one process
+        # None on one process
+        self.ddp = wrap(model, self.processes, self.objective.forward) if self.fsdp is None else None
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask=None) -> StepResult:
         """A step on one padded micro-batch; labels default to the input ids outside the attention mask."""
@@ -108,7 +157,7 @@ class TrainStep:
         return self.run([Batch(input_ids, labels, positions, attention_mask)])
 
     def run(self, batches: list[Batch]) -> StepResult:
-        """A step over accumulated micro-batches, normalised by their trained tokens together (on several
+        """A step over accumulated micro-batches, normalised together (SFT: by their trained tokens; on several
         processes: by those of every rank's micro-batches)."""
         try:
             return self._run(batches)
@@ -119,11 +168,14 @@ class TrainStep:
 
     def _run(self, batches: list[Batch]) -> StepResult:
         self.model.train()
-        processes, world = self.processes, self.processes.world
-        total_tokens = sum(b.trained_tokens for b in batches)
+        processes, world, objective = self.processes, self.processes.world, self.objective
+        # the step's trained tokens and what the objective divides by, summed over micro-batches (and ranks)
+        counts = [sum(b.trained_tokens for b in batches)]
+        counts += [sum(values) for values in zip(*(objective.counts(b) for b in batches))]
         if processes.distributed:
-            total_tokens = int(processes.sum([total_tokens], self.device)[0])
-        loss_total = 0.0
+            counts = processes.sum(counts, self.device)
+        total_tokens, counts = int(counts[0]), counts[1:]
+        loss_total, stats = 0.0, dict.fromkeys(objective.stat_names(), 0.0)
         wrapper = self.ddp if self.ddp is not None else self.fsdp
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
@@ -133,16 +185,20 @@ class TrainStep:
             with processes.no_sync(self.ddp, last=last):
                 with self.precision.autocast():
                     if wrapper is None:
-                        loss_sum, _ = batch_loss(self.model, batch.model_inputs(), batch.labels)
+                        outputs = objective.forward(self.model, batch.model_inputs(), batch.labels, batch.sequences)
                     else:
-                        loss_sum, _ = wrapper(batch.model_inputs(), batch.labels)
+                        outputs = wrapper(batch.model_inputs(), batch.labels, batch.sequences)
+                    loss, batch_stats = objective.loss(outputs, batch, counts)  # this micro-batch's share
                 # DDP (and FSDP) average the ranks' gradients; x world makes that their sum, the gradient of the
                 # global loss
-                loss = loss_sum / max(total_tokens, 1) if world == 1 else loss_sum * world / max(total_tokens, 1)
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss_total += float(loss.detach()) / world
+                scaled = loss if world == 1 else loss * world
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_total += float(loss.detach())
+            for name, value in batch_stats.items():
+                stats[name] += value
         if processes.distributed:
-            loss_total = processes.sum([loss_total], self.device)[0]
+            loss_total, *summed = processes.sum([loss_total, *stats.values()], self.device)
+            stats = dict(zip(stats, summed))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
@@ -176,7 +232,8 @@ class TrainStep:
             self.optimizer.step()
             skipped = False
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss_total, tokens=total_tokens, grad_norm=grad_norm, skipped=skipped)
+        return StepResult(loss=loss_total, tokens=total_tokens, grad_norm=grad_norm, skipped=skipped,
+                          stats=objective.summary(stats, counts))
 
 
 def _check_number(key: str, value, name: str | None = None, allow_none: bool = False) -> None:
@@ -187,6 +244,21 @@ def _check_number(key: str, value, name: str | None = None, allow_none: bool = F
     low, high, low_ok, high_ok, hint = OPTIMIZER_RANGES[key]
     check_number(name or key, value, low, high, low_ok=low_ok or key == "lr", high_ok=high_ok, hint=hint,
                  allow_none=allow_none)
+
+
+def check_format(examples, objective) -> None:
+    """SFT trains on examples, preference tuning on pairs: data of the other kind is refused before the model
+    loads, naming the command that reads it."""
+    label = examples.label
+    if objective.name == "preference" and examples.format != "preference":
+        raise DataError(f"{label}: the data reads as {examples.format} data, and preference training needs pairs: "
+                        "each row a prompt, a chosen and a rejected answer (fields prompt, chosen, rejected; or "
+                        "chosen and rejected conversations). Fine-tune on it with `qlorakit train`, or map your "
+                        "columns with --field chosen=COLUMN --field rejected=COLUMN")
+    if objective.name != "preference" and examples.format == "preference":
+        raise DataError(f"{label}: the data holds preference pairs (chosen and rejected answers); tune on them with "
+                        "`qlorakit dpo` (qlorakit.train_preference), or give SFT data (messages, prompt + "
+                        "completion, instruction + output, or text)")
 
 
 def non_finite_parameter(model) -> str | None:
@@ -221,14 +293,22 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
     skips loading. `overwrite` replaces an earlier run in the output directory, once this one has its first
     checkpoint (or its adapter).
     """
+    return run(config, LanguageModeling, loaded=loaded, overwrite=overwrite, log=log, progress=progress, **overrides)
+
+
+def run(config, objective_type, *, loaded: tuple | None = None, overwrite: bool = False, log=print,
+        progress: bool = True, **overrides) -> RunResult:
+    """A training run of `objective_type` (LanguageModeling: `train`; preference.PreferenceObjective:
+    `train_preference`), whose config class (`objective_type.config_class`) `config` is, or is built as (a YAML
+    path, None), with `overrides`."""
     claims = []  # the output's claim, taken by _train once the config is known; released however the run ends
     trackers = []  # the run's Trackers, opened by _train; closed before the claim is released (which may remove
     # the run's files), a run that raised marked failed
     groups = []  # the process group _train set up on several processes, taken down however the run ends
     try:
         try:
-            result = _train(config, loaded=loaded, overwrite=overwrite, log=log, progress=progress, claims=claims,
-                            trackers=trackers, groups=groups, **overrides)
+            result = _train(config, objective_type, loaded=loaded, overwrite=overwrite, log=log, progress=progress,
+                            claims=claims, trackers=trackers, groups=groups, **overrides)
         except BaseException as e:
             for tracker in trackers:
                 tracker.close(error=e)
@@ -255,17 +335,22 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
             processes.close()
 
 
-def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: list, groups: list,
-           **overrides) -> RunResult:
-    """The run, top to bottom; its output's claim goes into `claims`, which train() releases, its trackers into
-    `trackers`, which train() closes, and a process group it set up into `groups`."""
+def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: list, trackers: list,
+           groups: list, **overrides) -> RunResult:
+    """The run, top to bottom; its output's claim goes into `claims`, which run() releases, its trackers into
+    `trackers`, which run() closes, and a process group it set up into `groups`."""
+    config_class = objective_type.config_class
+    if isinstance(config, TrainConfig) and type(config) is not config_class:
+        other = "train_preference (qlorakit dpo)" if config_class is TrainConfig else "train (qlorakit train)"
+        raise ConfigError(f"a {type(config).__name__} is the settings of {other}; pass a {config_class.__name__}")
     if not isinstance(config, TrainConfig):
-        config = TrainConfig.build(config, **overrides)
+        config = config_class.build(config, **overrides)
     elif overrides:
-        config = TrainConfig.from_dict(config.to_dict() | {k: v for k, v in overrides.items() if v is not None})
+        config = config_class.from_dict(config.to_dict() | {k: v for k, v in overrides.items() if v is not None})
     else:
-        config.validate()  # a TrainConfig made or changed in Python has not been checked yet
+        config.validate()  # a config made or changed in Python has not been checked yet
     cfg = config
+    objective = objective_type.of(cfg)
     out = Path(cfg.output)
     # The run's processes: one, or those torchrun started (each runs all of this; rank 0 alone writes and speaks).
     processes = join_run(cfg.device)
@@ -312,6 +397,7 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
     examples = read_data(cfg.data, cfg.format, cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed,
                          config=cfg.data_config, split=cfg.split, validation_split=cfg.validation_split,
                          fields=cfg.field_map(), streaming=cfg.streaming)
+    check_format(examples, objective)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -364,6 +450,9 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
     processes.agree({key: value for key, value in cfg.to_dict().items()
                      if key not in ("model", "data", "validation_data", "adapter", "output")}
                     | {"data": fingerprint, "model": quantization_summary(model), "trainable parameters": trainable})
+    # What the objective computes once before training (preference: each pair's reference log-probabilities, with
+    # the adapters as they start; read back on a --resume), to be written with the run's first files.
+    prepared = objective.prepare(model, data, pad_id, cfg, processes, out, cfg.resume, fingerprint, log)
 
     # 4. Optimizer and schedule.
     # A step's micro-batches are all held at once: bound them by the data (streamed data: None here, checked as its
@@ -388,7 +477,7 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     step_fn = TrainStep(model, optimizer=optimizer, max_grad_norm=cfg.max_grad_norm, processes=processes,
-                        fsdp=cfg.fsdp)
+                        fsdp=cfg.fsdp, objective=objective)
     if processes.rank:  # the adapters start equal everywhere (rank 0's); LoRA dropout draws per rank
         torch.manual_seed(cfg.seed + processes.rank)
     scheduler = make_scheduler(optimizer, cfg.schedule, warmup, total_steps)
@@ -413,13 +502,15 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
     # (+ the commit of a Hub base: what a --resume loads again, whatever the id's branch says by then)
     # (+ the processes: a resume on another number must keep the global batch)
     hub = getattr(model, "qlorakit_hub", None)
-    run_config = cfg.to_dict() | {"compute_dtype": dtype_name(precision.compute),
+    run_config = cfg.to_dict() | {"objective": cfg.OBJECTIVE, "compute_dtype": dtype_name(precision.compute),
                                   "base_revision": hub.commit if hub is not None else None,
                                   "world_size": processes.world}
 
     def start_writing():  # rank 0's
         output.replace_previous()  # every check has passed: an earlier run moves aside, the new one starts writing
         atomic_write_json(out / "config.json", run_config)
+        if prepared is not None:
+            write_reference(out, prepared, fingerprint)
         trackers.append(Trackers(out, log))
         trackers[0].open(cfg.trackers(), run_config, resume_step=start_step if cfg.resume else None)
         return MetricsLog(out / "metrics.jsonl", resume_step=start_step if cfg.resume else None, trackers=trackers[0])
@@ -472,7 +563,7 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
                       "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                       "trained_tokens": result.tokens, "tokens": real_tokens,
                       "tokens_per_s": real_tokens / seconds, "skipped": result.skipped,
-                      "elapsed_s": time.perf_counter() - started}
+                      "elapsed_s": time.perf_counter() - started} | result.stats
             if step_fn.scaler is not None:  # fp16: the loss scale the next step starts with
                 record["scale"] = step_fn.scaler.get_scale()
             record |= memory
@@ -482,10 +573,10 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
                 bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{real_tokens / seconds:.0f}")
                 bar.update(1)
             if data.validation and cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-                last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing, processes)
+                last_eval = objective.evaluate(model, data.validation, pad_id, cfg.batch_size, cfg.packing,
+                                               processes)
                 if main:
-                    metrics.write({"step": step, "eval_loss": last_eval["loss"],
-                                   "eval_perplexity": last_eval["perplexity"]})
+                    metrics.write({"step": step} | objective.eval_record(last_eval))
             if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
                 refuse_non_finite(step, "checkpoint")
                 rng_states = processes.gather(rng_state())  # every rank's, written by rank 0
@@ -511,16 +602,14 @@ def _train(config, *, loaded, overwrite, log, progress, claims: list, trackers: 
     # 7. Outputs: final evaluation, the adapter (PEFT format), metrics, loss curve.
     refuse_non_finite(total_steps, "adapter")
     if data.validation:
-        last_eval = eval_loss(model, data.validation, pad_id, cfg.batch_size, cfg.packing, processes)
-        log(f"validation: loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f} "
-            f"({last_eval['tokens']} tokens)")
+        last_eval = objective.evaluate(model, data.validation, pad_id, cfg.batch_size, cfg.packing, processes)
+        log(objective.describe_eval(last_eval))
 
     whole = None if step_fn.fsdp is None else full_trainable_state(step_fn.fsdp)  # sharded: gathered by every rank
 
     def write_outputs():  # rank 0's; the records reach every rank
         if last_eval is not None and data.validation:
-            metrics.write({"step": total_steps, "eval_loss": last_eval["loss"],
-                           "eval_perplexity": last_eval["perplexity"]})
+            metrics.write({"step": total_steps} | objective.eval_record(last_eval))
         save_adapter(model, out, cfg, precision, data, state=whole, world_size=processes.world)
         output.commit()
         records = metrics.read()

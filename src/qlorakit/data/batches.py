@@ -8,6 +8,10 @@ position ids for their variable-length path. With attention implementations that
 (none of the Llama-family ones in transformers 5), examples would see their predecessors in the row; `packing=False`
 avoids packing altogether. The loss does not cross examples either way: each example's first label is masked.
 
+Preference pairs (data/preference.py's collate_pairs) use the same layouts, each pair's chosen and rejected sequences
+side by side, with `sequences` saying which sequence each token belongs to; the stream below takes the collate
+function, so pairs share its order, resume positions and ranks' shares.
+
 On several processes (distributed.py) a micro-batch is global: world x batch_size examples, of which each rank
 collates its contiguous share; the order, the positions and the epochs are those of one process with that batch.
 """
@@ -32,6 +36,12 @@ class Batch:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None  # None when packed
     placeholder: bool = False  # a rank's empty share of a global micro-batch (see `placeholder`)
+    # Preference pairs (data/preference.py's collate_pairs; SFT batches leave them unset): `sequences`, shaped as
+    # input_ids, is each token's sequence (pair i's chosen answer 2i, its rejected one 2i+1; -1 for padding and in a
+    # placeholder), and `reference` the [2 * pairs] reference log-probabilities in that order, when known.
+    sequences: torch.Tensor | None = None
+    pairs: int = 0
+    reference: torch.Tensor | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -46,7 +56,7 @@ class Batch:
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
-                     self.placeholder)
+                     self.placeholder, move(self.sequences), self.pairs, move(self.reference))
 
     def model_inputs(self) -> dict:
         # use_cache=False: with a cache transformers does not look for packed sequences in the position ids.
@@ -76,10 +86,11 @@ def collate(items: list[Tokenized], pad_id: int, packed: bool = True) -> Batch:
 
 def placeholder(pad_id: int) -> Batch:
     """What a rank runs when its share of a global micro-batch is empty (the data's last micro-batch, smaller than
-    the ranks): two pad tokens, nothing trained. Its backward gives zero gradients, and every rank takes part in each
-    gradient sum, as DDP needs."""
+    the ranks): two pad tokens, nothing trained, in no sequence (no pair). Its backward gives zero gradients, and
+    every rank takes part in each gradient sum, as DDP needs."""
     row = torch.tensor([[pad_id, pad_id]], dtype=torch.long)
-    return Batch(row, torch.full_like(row, IGNORE_INDEX), torch.tensor([[0, 1]]), None, placeholder=True)
+    return Batch(row, torch.full_like(row, IGNORE_INDEX), torch.tensor([[0, 1]]), None, placeholder=True,
+                 sequences=torch.full_like(row, -1))
 
 
 def share(items: list, rank: int, world: int) -> list:
@@ -89,9 +100,12 @@ def share(items: list, rank: int, world: int) -> list:
     return items[rank * n // world : (rank + 1) * n // world]
 
 
-def collate_share(items: list[Tokenized], pad_id: int, packed: bool, rank: int, world: int) -> Batch:
+def collate_share(items: list, pad_id: int, packed: bool, rank: int, world: int,
+                  collate_fn: Callable[[list, int, bool], Batch] = collate) -> Batch:
+    """Rank `rank`'s share of a global micro-batch, collated with `collate_fn` (collate, or collate_pairs for
+    preference pairs), or the placeholder when it is empty."""
     mine = share(items, rank, world)
-    return collate(mine, pad_id, packed) if mine else placeholder(pad_id)
+    return collate_fn(mine, pad_id, packed) if mine else placeholder(pad_id)
 
 
 def epoch_order(n_items: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
@@ -111,15 +125,18 @@ def micro_batches(items: list[Tokenized], batch_size: int, epoch: int, seed: int
 class MicroBatchStream:
     """The training run's micro-batches in a deterministic order, epoch after epoch, from a saved position
     ({"epoch", "micro"}: what a checkpoint records, so a resumed run takes the same batches). On several processes
-    its micro-batches are global (world x batch_size examples) and `take` gives this rank's share."""
+    its micro-batches are global (world x batch_size examples) and `take` gives this rank's share. `collate_fn`
+    makes a batch of items: `collate` for Tokenized examples, data.preference.collate_pairs for pairs."""
 
-    def __init__(self, items: list[Tokenized], batch_size: int, seed: int, pad_id: int, packed: bool,
-                 position: dict, rank: int = 0, world: int = 1):
+    def __init__(self, items: list, batch_size: int, seed: int, pad_id: int, packed: bool,
+                 position: dict, rank: int = 0, world: int = 1,
+                 collate_fn: Callable[[list, int, bool], Batch] = collate):
         if "rows" in position:  # a streamed run's: its epochs are in another order
             raise TrainingError("the checkpoint's data position is a streamed run's (--streaming), and this run "
                                 "reads the data whole: resume with --streaming, as the run started")
         self.items, self.seed, self.pad_id, self.packed = items, seed, pad_id, packed
         self.batch_size, self.rank, self.world = batch_size * world, rank, world
+        self.collate_fn = collate_fn
         self.epoch, self.index = position["epoch"], position["micro"]
         self._epoch_batches = micro_batches(items, self.batch_size, self.epoch, seed)
 
@@ -138,7 +155,8 @@ class MicroBatchStream:
             if self.index >= len(self._epoch_batches):
                 self.epoch, self.index = self.epoch + 1, 0
                 self._epoch_batches = micro_batches(self.items, self.batch_size, self.epoch, self.seed)
-            out.append(collate_share(self._epoch_batches[self.index], self.pad_id, self.packed, self.rank, self.world))
+            out.append(collate_share(self._epoch_batches[self.index], self.pad_id, self.packed, self.rank, self.world,
+                                     self.collate_fn))
             self.index += 1
         return out
 

@@ -5,10 +5,13 @@
     instruction        {"instruction": ..., "input": ... (optional), "output": ...}   (Alpaca)
     prompt-completion  {"prompt": ..., "completion": ...}   (strings; or lists of messages, then it is a chat)
     text               {"text": ...}
+    preference         {"prompt": ..., "chosen": ..., "rejected": ...}   (strings, or a chat: the prompt's turns and
+                       each answer's; or no prompt and two whole conversations that share their first turns)
 
 An example is either a conversation (rendered with the tokenizer's chat template) or a prompt/completion pair of
 plain strings (a `text` row is a completion with an empty prompt). The trained part is the assistant turns, or
-the completion.
+the completion. A preference row becomes a PreferenceExample: two such examples, the chosen answer's and the
+rejected one's, with the same prompt (data/preference.py tokenizes and batches them).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from .files import Row
 
 ROLES = ("system", "user", "assistant")
 # Every field a format reads: the TARGETs `--field TARGET=COLUMN` may name.
-FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion", "text")
+FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion", "text", "chosen",
+          "rejected")
 FORMAT_FIELDS = {"chat": ("messages", "conversations"), "instruction": ("instruction", "input", "output"),
-                 "prompt-completion": ("prompt", "completion"), "text": ("text",)}
+                 "prompt-completion": ("prompt", "completion"), "text": ("text",),
+                 "preference": ("prompt", "chosen", "rejected")}
 _SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
@@ -40,8 +45,20 @@ class Example:
     completion: str = ""  # ... and the trained rest
 
 
+@dataclass
+class PreferenceExample:
+    """A preference pair: the chosen answer's and the rejected answer's examples, ordinary ones with the same
+    prompt (the answers are their trained parts)."""
+
+    where: str
+    chosen: Example
+    rejected: Example
+
+
 def detect_format(row: Row) -> str:
     keys = set(row.fields)
+    if "chosen" in keys and "rejected" in keys:  # first: a preference row may also hold a chat or a completion
+        return "preference"
     if keys & {"messages", "conversations"}:
         return "chat"
     if "instruction" in keys and "output" in keys:
@@ -52,9 +69,9 @@ def detect_format(row: Row) -> str:
         return "text"
     raise DataError(
         f"{row.where}: cannot tell the data format from the fields {sorted(keys)}; expected 'messages' (or "
-        "'conversations') for chat, 'instruction' + 'output', 'prompt' + 'completion', or 'text' — or name the "
-        "format with --format, or read those fields from other columns with --field TARGET=COLUMN (e.g. --field "
-        "prompt=question --field completion=answer)"
+        "'conversations') for chat, 'instruction' + 'output', 'prompt' + 'completion', 'text', or 'chosen' + "
+        "'rejected' (+ 'prompt') for preference pairs — or name the format with --format, or read those fields "
+        "from other columns with --field TARGET=COLUMN (e.g. --field prompt=question --field completion=answer)"
     )
 
 
@@ -95,7 +112,7 @@ def map_fields(row: Row, mapping: dict[str, str]) -> Row:
     return Row(fields | {target: row.fields[column] for target, column in mapping.items()}, row.where)
 
 
-def to_example(row: Row, fmt: str) -> Example:
+def to_example(row: Row, fmt: str) -> Example | PreferenceExample:
     if fmt not in FORMATS:
         raise DataError(f"format={fmt!r} is not a data format; use one of {', '.join(FORMATS)} or auto")
     return _CONVERTERS[fmt](row)
@@ -194,4 +211,109 @@ def _text(row: Row) -> Example:
     return Example(row.where, completion=text)
 
 
-_CONVERTERS = {"chat": _chat, "instruction": _instruction, "prompt-completion": _prompt_completion, "text": _text}
+_PAIR = ("chosen", "rejected")
+
+
+def _preference(row: Row) -> PreferenceExample:
+    """A pair in one of three forms: strings (plain text, EOS after each answer when tokenized); a chat (prompt and
+    answers as lists of messages, a string prompt being one user turn and a string answer one assistant turn); or
+    no prompt and two whole conversations, whose longest common prefix of turns is the prompt."""
+    missing = [name for name in _PAIR if name not in row.fields]
+    if missing:
+        raise DataError(
+            f"{row.where}: missing field {missing[0]!r} (fields present: {', '.join(sorted(row.fields)) or 'none'});"
+            " preference data needs 'prompt', 'chosen' and 'rejected' (or 'chosen' and 'rejected' alone, as whole "
+            "conversations that share their first turns): read them from other columns with --field "
+            "chosen=COLUMN --field rejected=COLUMN (and --field prompt=COLUMN)"
+        )
+    values = {name: row.fields.get(name) for name in ("prompt", *_PAIR)}
+    # No prompt: whole conversations. (A null prompt with two strings is a text pair with its prompt missing.)
+    if values["prompt"] is None and not ("prompt" in row.fields and all(isinstance(values[n], str) for n in _PAIR)):
+        return _implicit_prompt(row)
+    if any(isinstance(value, list) for value in values.values()):
+        prompt = values["prompt"]
+        turns = (_turns(row, "prompt") if isinstance(prompt, list)
+                 else [{"role": "user", "content": _text_field(row, "prompt")}])
+        chosen, rejected = (_answer(row, name) for name in _PAIR)
+        _check_differ(row, chosen, rejected)
+        return PreferenceExample(row.where, *(
+            Example(f"{row.where} ({name})", messages=turns + answer, first_trained_turn=len(turns))
+            for name, answer in zip(_PAIR, (chosen, rejected))))
+    prompt, chosen, rejected = (_text_field(row, name) for name in ("prompt", *_PAIR))
+    _check_differ(row, chosen, rejected)
+    return PreferenceExample(row.where, Example(f"{row.where} (chosen)", prompt=prompt, completion=chosen),
+                             Example(f"{row.where} (rejected)", prompt=prompt, completion=rejected))
+
+
+def _text_field(row: Row, name: str) -> str:
+    value = _field(row, name)
+    if not value.strip():
+        raise DataError(f"{row.where}: field {name!r} is empty; a preference pair needs a prompt and two answers: "
+                        "fill it in, or leave the row out (--skip-bad-rows skips such rows)")
+    return value
+
+
+def _turns(row: Row, name: str) -> list[dict]:
+    turns = _field(row, name, list)
+    if not turns:
+        raise DataError(f"{row.where}: field {name!r} is an empty list of messages; fill it in, or leave the row out "
+                        "(--skip-bad-rows skips such rows)")
+    return _messages(row, name, turns)
+
+
+def _answer(row: Row, name: str) -> list[dict]:
+    """A chat pair's answer as turns: a list of messages with an assistant turn, or a string (one assistant turn)."""
+    if not isinstance(row.fields.get(name), list):
+        return [{"role": "assistant", "content": _text_field(row, name)}]
+    turns = _turns(row, name)
+    if not any(m["role"] == "assistant" for m in turns):
+        raise DataError(f"{row.where}: {name!r} has no assistant turn, so there is nothing to score; give the "
+                        "answer as assistant turns (or a string)")
+    return turns
+
+
+def _check_differ(row: Row, chosen, rejected) -> None:
+    if chosen == rejected:
+        raise DataError(f"{row.where}: 'chosen' and 'rejected' are the same answer: nothing to learn from this pair; "
+                        "fix the row, or leave it out (--skip-bad-rows skips such rows)")
+
+
+def _implicit_prompt(row: Row) -> PreferenceExample:
+    """No prompt: chosen and rejected are whole conversations; the prompt is the turns they open with alike."""
+    for name in _PAIR:
+        value = row.fields[name]
+        if isinstance(value, str) and not value.lstrip().startswith("["):  # (a CSV cell holds a list as JSON)
+            raise DataError(
+                f"{row.where}: no 'prompt', and {name!r} is a string: without a prompt, 'chosen' and 'rejected' "
+                "must be whole conversations (lists of messages) that share their first turns; give the prompt "
+                "in a 'prompt' field (--field prompt=COLUMN)"
+            )
+    chosen, rejected = (_turns(row, name) for name in _PAIR)
+    _check_differ(row, chosen, rejected)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise DataError(
+            f"{row.where}: no 'prompt', and 'chosen' and 'rejected' differ from their first turn, so there is no "
+            "prompt they share: give the prompt in a 'prompt' field (--field prompt=COLUMN), or make both whole "
+            "conversations that open with the same turns"
+        )
+    for name, turns in zip(_PAIR, (chosen, rejected)):
+        rest = turns[shared:]
+        if not rest or rest[0]["role"] != "assistant":
+            what = ("ends there, with no answer of its own" if not rest
+                    else f"goes on with a {rest[0]['role']} turn, not an assistant turn")
+            raise DataError(
+                f"{row.where}: no 'prompt'; 'chosen' and 'rejected' share their first {shared} turns (the prompt), "
+                f"and {name!r} {what}: each answer must start with an assistant turn right after the shared "
+                "prompt; fix the row, or give the prompt in a 'prompt' field"
+            )
+    prompt = chosen[:shared]
+    return PreferenceExample(row.where, *(
+        Example(f"{row.where} ({name})", messages=turns, first_trained_turn=len(prompt))
+        for name, turns in zip(_PAIR, (chosen, rejected))))
+
+
+_CONVERTERS = {"chat": _chat, "instruction": _instruction, "prompt-completion": _prompt_completion, "text": _text,
+               "preference": _preference}

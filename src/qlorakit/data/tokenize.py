@@ -53,15 +53,18 @@ class Tokenized:
 
 @dataclass
 class TokenizeReport:
+    """What tokenizing kept and dropped. Preference data counts pairs (`unit` "pairs") and both answers' tokens."""
+
     examples: int = 0
     tokens: int = 0
     trained_tokens: int = 0
     truncated: int = 0
     dropped_long: int = 0  # on_long="drop", or nothing left to train after truncation
     skipped_rows: list[str] = field(default_factory=list)
+    unit: str = "examples"  # what `examples` counts
 
     def describe(self) -> str:
-        parts = [f"{self.examples} examples", f"{self.tokens} tokens ({self.trained_tokens} trained)"]
+        parts = [f"{self.examples} {self.unit}", f"{self.tokens} tokens ({self.trained_tokens} trained)"]
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.dropped_long:
@@ -245,17 +248,7 @@ def example_tokenizer(tokenizer, max_length: int, train_on: str = "assistant", o
                       report: TokenizeReport | None = None, parse_special_tokens: bool = False):
     """A function from one Example to its Tokenized item fitted to `max_length` (truncated, or None when dropped
     per `on_long`), counting into `report`: the settings are checked once, here, for a list or a stream."""
-    if train_on not in TRAIN_ON:
-        raise ConfigError(f"train_on={train_on!r}: use 'assistant' (answers only) or 'all' (every token)")
-    if on_long not in ON_LONG:
-        raise ConfigError(f"on_long={on_long!r}: use one of {', '.join(ON_LONG)}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ConfigError(f"max_length={max_length!r} must be an integer of at least 2 tokens")
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(
-            "the tokenizer is a slow (Python) tokenizer; qlorakit needs a fast one (tokenizer.json) to map the "
-            "chat template's text to tokens"
-        )
+    check_settings(tokenizer, max_length, train_on, on_long)
     report = report if report is not None else TokenizeReport()
     specials = None if parse_special_tokens else special_token_pattern(tokenizer)
 
@@ -282,6 +275,21 @@ def example_tokenizer(tokenizer, max_length: int, train_on: str = "assistant", o
         return item
 
     return fit
+
+
+def check_settings(tokenizer, max_length: int, train_on: str, on_long: str) -> None:
+    """The tokenizing settings (example_tokenizer's, preference.pair_tokenizer's), checked before any example."""
+    if train_on not in TRAIN_ON:
+        raise ConfigError(f"train_on={train_on!r}: use 'assistant' (answers only) or 'all' (every token)")
+    if on_long not in ON_LONG:
+        raise ConfigError(f"on_long={on_long!r}: use one of {', '.join(ON_LONG)}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"max_length={max_length!r} must be an integer of at least 2 tokens")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            "the tokenizer is a slow (Python) tokenizer; qlorakit needs a fast one (tokenizer.json) to map the "
+            "chat template's text to tokens"
+        )
 
 
 def check_trainable(items: list[Tokenized], report: TokenizeReport, source: str, train_on: str) -> None:
