@@ -66,9 +66,9 @@ def _flags(model_dir, data, output, **settings) -> list[str]:
     return flags + ["--quiet"]
 
 
-def _launch(nproc: int, *flags, check=True, **kw) -> subprocess.CompletedProcess:
-    """`qlorakit train --nproc-per-node N ...`, the shortcut that starts torchrun."""
-    done = subprocess.run([sys.executable, "-m", "qlorakit", "train", "--nproc-per-node", str(nproc), *flags],
+def _launch(nproc: int, *flags, check=True, command="train", **kw) -> subprocess.CompletedProcess:
+    """`qlorakit train --nproc-per-node N ...` (or `dpo`), the shortcut that starts torchrun."""
+    done = subprocess.run([sys.executable, "-m", "qlorakit", command, "--nproc-per-node", str(nproc), *flags],
                           env=ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, **kw)
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -147,6 +147,35 @@ def test_two_ranks_of_4_train_as_one_process_of_8(case, one_process_runs, two_pr
     assert saved["world_size"] == 2 and saved["batch_size"] == 4
     # rank 0 alone wrote: one metrics line per step, no file of another rank's
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_preference_tuning_on_two_ranks_of_4_is_one_process_of_8(tiny_model_dir, tmp_path):
+    """`qlorakit dpo --nproc-per-node 2`: 11 pairs, grad_accum 2 (a step's second global micro-batch holds 3 pairs:
+    2 on rank 0, 1 on rank 1; the last step's, 0 and a placeholder), held-out pairs: the adapter, losses and reward
+    metrics of one process with the global batch (tolerances as above). The reference log-probabilities are each
+    rank's share, summed."""
+    pairs = [{"prompt": " ".join(f"w{(i * 7 + j) % 200 + 10}" for j in range(3 + i % 5)),
+              "chosen": f"w100 w{150 + i % 3}", "rejected": " ".join(f"w{40 + (i + j) % 9}" for j in range(1 + i % 3))}
+             for i in range(14)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    settings = dict(max_steps=2, grad_accum=2, validation=0.2, lr=2e-2)
+    one = tmp_path / "one"
+    qlorakit.train_preference(progress=False, log=lambda _: None, model=str(tiny_model_dir), data=str(data),
+                              output=str(one), dtype="fp32", device="cpu", rank=4, alpha=8, seed=0, batch_size=8,
+                              **settings)
+    two = tmp_path / "two"
+    _launch(2, *_flags(tiny_model_dir, data, two, batch_size=4, **settings), command="dpo")
+    assert_same_adapter(_adapter(one), _adapter(two))
+    a_steps, b_steps = _steps(one), _steps(two)
+    assert len(a_steps) == len(b_steps) == 3  # two steps and the held-out evaluation
+    for a, b in zip(a_steps, b_steps):
+        for key in ("loss", "reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected", "eval_loss",
+                    "eval_reward_accuracy", "eval_reward_margin"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=PARITY_RTOL, abs=1e-6), (key, a, b)
+    assert load_file(one / "reference_logps.safetensors")["train"].allclose(
+        load_file(two / "reference_logps.safetensors")["train"], rtol=1e-5)
 
 
 def test_a_distributed_run_merges_as_one_process_does(one_process_runs, two_process_runs, tmp_path):

@@ -66,14 +66,22 @@ def test_each_loss_is_its_formula():
         "simpo": -F.logsigmoid(beta * (mean_c - mean_r) - gamma), "orpo": -beta * F.logsigmoid(log_odds),
     }
     for kind, want in expected.items():
-        losses, chosen, rejected, nll = PreferenceObjective(kind, beta, gamma).pair_losses(sums, lengths, reference)
+        losses, chosen, rejected = PreferenceObjective(kind, beta, gamma).pair_losses(sums, lengths, reference)
         torch.testing.assert_close(losses, want, rtol=1e-6, atol=1e-6, msg=kind)
         if kind in ("orpo", "simpo"):
             torch.testing.assert_close(chosen, beta * mean_c)
         else:
             torch.testing.assert_close(chosen - rejected, beta * delta)
-        assert (nll is not None) == (kind == "orpo")
-    assert float(PreferenceObjective("orpo").pair_losses(sums, lengths, None)[3]) == pytest.approx(5.0)
+
+
+def test_orpos_nll_predicts_every_chosen_token_but_each_sequences_first():
+    """As TRL's ORPOTrainer: the NLL term covers the chosen sequences' prompts and answers, never the rejected ones,
+    and never a sequence's first token (nothing predicts it)."""
+    from qlorakit.preference import scored_chosen
+
+    sequences = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, -1, -1]])
+    assert scored_chosen(sequences).tolist() == [[False, True, True, False, False, False, True, True, True, False,
+                                                  False, False]]
 
 
 def test_a_reference_loss_without_reference_log_probabilities_is_refused():
@@ -225,3 +233,36 @@ def test_a_dpo_run_is_not_resumed_by_train_and_the_reverse(tmp_path, sigmoid_run
 def test_a_train_config_is_refused_by_train_preference():
     with pytest.raises(qlorakit.ConfigError, match="TrainConfig is the settings of train"):
         qlorakit.train_preference(qlorakit.TrainConfig(data="x.jsonl"), log=lambda *a: None)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def test_dpo_command_trains_and_eval_measures_the_preference(tmp_path, tiny_model_dir, pairs_file, capsys):
+    """`qlorakit dpo` writes a run; `qlorakit eval` on pairs reports how often the model prefers the chosen answer:
+    the same share the run's own scoring gives (preference_accuracy), higher after tuning than before."""
+    from qlorakit.cli import main
+    from qlorakit.data import load_data, pad_id_of
+    from qlorakit.evaluate import preference_accuracy
+
+    out = tmp_path / "run"
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output", str(out),
+                 "--rank", "4", "--alpha", "8", "--batch-size", "4", "--lr", "2e-2", "--max-steps", "8",
+                 "--schedule", "constant", "--warmup-steps", "0", "--max-length", "64", "--dtype", "fp32",
+                 "--quiet"]) == 0
+    assert "reference_logps.safetensors beside it" in capsys.readouterr().out
+    assert main(["eval", "--adapter", str(out), "--data", str(pairs_file), "--device", "cpu", "--json"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    model, tokenizer = qlorakit.load(tiny_model_dir, quant="nf4", dtype="fp32", device="cpu")
+    pairs = load_data(str(pairs_file), tokenizer, max_length=1024).train
+    before = preference_accuracy(model, pairs, pad_id_of(tokenizer))
+    after = preference_accuracy(qlorakit.load_adapter(model, out), pairs, pad_id_of(tokenizer))
+    assert result["pairs"] == 16 and result["preference_accuracy"] == pytest.approx(after["accuracy"])
+    assert after["accuracy"] > before["accuracy"] and after["logp_margin"] > before["logp_margin"]
+    with pytest.raises(SystemExit):
+        main(["dpo", "--train-on", "all"])  # not a flag of dpo
+    assert main(["eval", "--adapter", str(out), "--data", str(pairs_file), "--device", "cpu", "--output",
+                 str(tmp_path / "answers.jsonl")]) == 2
+    assert "preference pairs, which have no answers" in capsys.readouterr().err
+    assert not (tmp_path / "answers.jsonl").exists()

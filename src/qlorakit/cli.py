@@ -217,6 +217,8 @@ def _eval(args) -> int:
         examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows, report, fields=fields,
                                       config=args.data_config, split=args.split)
         matched = examples[: args.limit] if args.limit else examples
+        if fmt == "preference":
+            return _eval_pairs(args, examples, report, answers_file)
         if fmt == "text" and answers_file is not None:
             raise ConfigError(f"--output {args.output}: {args.data} is plain text (format text), which has no "
                               "reference answers to match; leave out --output")
@@ -246,6 +248,35 @@ def _eval(args) -> int:
         print(f"{match['total']} answers written to {args.output} (a JSON line each: {', '.join(ANSWER_FIELDS)})")
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+def _eval_pairs(args, pairs, report, answers_file) -> int:
+    """`qlorakit eval` on preference pairs: loss and perplexity of the chosen answers, and how often the model
+    prefers the chosen answer to the rejected one (its log-probability)."""
+    from .data import pad_id_of
+    from .data.preference import check_pairs, tokenize_pairs
+    from .evaluate import eval_loss, preference_accuracy
+
+    if answers_file is not None:
+        raise ConfigError(f"--output {args.output}: {args.data} holds preference pairs, which have no answers to "
+                          "generate and match; leave out --output")
+    model, tokenizer = _load_with_adapter(args)
+    items, report = tokenize_pairs(tokenizer, pairs, args.max_length, "truncate", report, args.parse_special_tokens)
+    check_pairs(items, report, args.data)
+    pad_id = pad_id_of(tokenizer)
+    chosen = eval_loss(model, [pair.chosen for pair in items], pad_id, args.batch_size)
+    print(f"chosen answers: loss {chosen['loss']:.4f}  perplexity {chosen['perplexity']:.3f}  ({chosen['tokens']} "
+          "tokens)")
+    preferred = preference_accuracy(model, items, pad_id, args.batch_size)
+    print(f"preference accuracy {preferred['accuracy']:.1%} ({preferred['correct']}/{preferred['total']} pairs "
+          f"whose chosen answer has the higher log-probability; mean margin {preferred['logp_margin']:.3f})")
+    if args.json:
+        import json
+
+        print(json.dumps({"data": args.data, "pairs": len(items), "chosen_loss": chosen["loss"],
+                          "chosen_perplexity": chosen["perplexity"], "preference_accuracy": preferred["accuracy"],
+                          "logp_margin": preferred["logp_margin"]}))
     return 0
 
 

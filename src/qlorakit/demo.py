@@ -191,16 +191,12 @@ def preference_files(n_train: int = 240, n_heldout: int = 60, seed: int = 0) -> 
     return _cached_files(*preference_rows(n_train, n_heldout, seed))
 
 
-def preference_accuracy(model, tokenizer, heldout: Path, max_length: int, batch_size: int = 8) -> dict:
-    """How often the model gives the chosen answer of a held-out pair a higher log-probability than the rejected
-    one (the preference it holds, whatever its reference)."""
+def _held_out_preference(model, tokenizer, heldout: Path, max_length: int, batch_size: int) -> dict:
     from .data import load_data, pad_id_of
-    from .preference import PreferenceObjective
+    from .evaluate import preference_accuracy
 
     pairs = load_data(str(heldout), tokenizer, max_length=max_length).train
-    sums, _ = PreferenceObjective().sequence_logps_of(model, pairs, pad_id_of(tokenizer), batch_size, True)
-    correct = int((sums[:, 0] > sums[:, 1]).sum())
-    return {"accuracy": correct / len(pairs), "correct": correct, "total": len(pairs)}
+    return preference_accuracy(model, pairs, pad_id_of(tokenizer), batch_size)
 
 
 def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: bool = False,
@@ -234,11 +230,11 @@ def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, o
     log(f"built-in preference task: {INSTRUCTION!r}, the chosen answer in that format, the rejected one with a "
         f"wrong field or another format ({n_train} training pairs, {n_heldout} held out; written to "
         f"{train_file.parent})")
-    before = preference_accuracy(model, tokenizer, heldout_file, config.max_length, config.batch_size)
+    before = _held_out_preference(model, tokenizer, heldout_file, config.max_length, config.batch_size)
     log(f"held-out pairs where the model prefers the chosen answer, before tuning: {before['accuracy']:.0%} "
         f"({before['correct']}/{before['total']})")
     result = train_preference(config, loaded=(model, tokenizer), overwrite=overwrite, log=log, progress=progress)
-    after = preference_accuracy(result.model, tokenizer, heldout_file, config.max_length, config.batch_size)
+    after = _held_out_preference(result.model, tokenizer, heldout_file, config.max_length, config.batch_size)
     seconds = time.perf_counter() - started
     log(f"held-out pairs where the model prefers the chosen answer, after tuning:  {after['accuracy']:.0%} "
         f"({after['correct']}/{after['total']}); held-out reward accuracy {result.eval['reward_accuracy']:.0%}, "

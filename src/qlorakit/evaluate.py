@@ -1,4 +1,5 @@
-"""Evaluation: loss and perplexity on tokenized data, greedy answers to chat prompts, exact-match accuracy."""
+"""Evaluation: loss and perplexity on tokenized data, greedy answers to chat prompts, exact-match accuracy, and
+on preference pairs how often the model prefers the chosen answer."""
 
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 8, p
         tokens = int(tokens)
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def preference_accuracy(model, pairs: list, pad_id: int, batch_size: int = 8, packed: bool = True) -> dict:
+    """How often the model gives a pair's chosen answer a higher log-probability (summed over its tokens) than the
+    rejected one — the preference it holds, whatever its reference — and the mean margin between the two."""
+    from .preference import PreferenceObjective
+
+    if not pairs:
+        raise DataError("no preference pairs to evaluate")
+    sums = PreferenceObjective().sequence_logps_of(model, pairs, pad_id, batch_size, packed)[0]
+    correct = int((sums[:, 0] > sums[:, 1]).sum())
+    return {"accuracy": correct / len(pairs), "correct": correct, "total": len(pairs),
+            "logp_margin": float((sums[:, 0] - sums[:, 1]).mean())}
 
 
 def prompt_and_reference(example: Example) -> tuple[list[dict] | str, str]:

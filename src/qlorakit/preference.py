@@ -38,6 +38,7 @@ from .choices import REFERENCE_FREE_LOSSES
 from .config import PreferenceConfig
 from .data.batches import placeholder, share
 from .errors import TrainingError
+from .data.tokenize import IGNORE_INDEX
 from .precision import LOSS_DTYPE, precision_of
 
 __all__ = ["PreferenceObjective", "REFERENCE_FILE", "train_preference"]
@@ -48,18 +49,33 @@ _PAIR_STATS = ("reward_margin", "reward_accuracy", "rewards_chosen", "rewards_re
                "logps_rejected")
 
 
-def sequence_logps(model, inputs: dict, labels: torch.Tensor, sequences: torch.Tensor, count: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the trained tokens' log-probabilities, number of trained tokens) of each of `count` sequences of a
-    packed or padded batch (`sequences`: each token's sequence, -1 for none), in fp32."""
+def sequence_logps(model, inputs: dict, labels: torch.Tensor, sequences: torch.Tensor, count: int,
+                   whole_chosen: bool = False) -> tuple[torch.Tensor, ...]:
+    """(sum of the answer tokens' log-probabilities, number of answer tokens) of each of `count` sequences of a
+    packed or padded batch (`sequences`: each token's sequence, -1 for none; `labels`: the answers' tokens), in
+    fp32. `whole_chosen` adds ORPO's NLL term: the log-probability sum of every token of the chosen sequences (prompt
+    and answer) but each one's first, from the same forward."""
     from .loss import token_logps
 
+    answers = labels[:, 1:].reshape(-1) != IGNORE_INDEX
+    if whole_chosen:
+        labels = torch.where(labels != IGNORE_INDEX, labels,
+                             torch.where(scored_chosen(sequences), inputs["input_ids"], IGNORE_INDEX))
     logps, where = token_logps(model, inputs, labels)
     owner = sequences[:, 1:].reshape(-1).to(logps.device)[where]  # a target token's sequence
-    sums = torch.zeros(count, dtype=LOSS_DTYPE, device=logps.device).index_add(0, owner, logps)
+    answer = answers.to(logps.device)[where]
+    sums = torch.zeros(count, dtype=LOSS_DTYPE, device=logps.device).index_add(0, owner[answer], logps[answer])
     lengths = torch.zeros(count, dtype=LOSS_DTYPE, device=logps.device).index_add(
-        0, owner, torch.ones_like(logps))
-    return sums, lengths
+        0, owner[answer], torch.ones_like(logps[answer]))
+    if not whole_chosen:
+        return sums, lengths
+    return sums, lengths, logps[owner % 2 == 0].sum()
+
+
+def scored_chosen(sequences: torch.Tensor) -> torch.Tensor:
+    """Which tokens of a batch ORPO's NLL predicts: every token of a chosen sequence (even index) but its first."""
+    before = torch.cat([torch.full_like(sequences[:, :1], -1), sequences[:, :-1]], dim=1)
+    return (sequences >= 0) & (sequences % 2 == 0) & (sequences == before)
 
 
 class PreferenceObjective:
@@ -85,21 +101,23 @@ class PreferenceObjective:
 
     def counts(self, batch) -> list[float]:
         """What the step's losses are divided by, summed over its micro-batches and ranks: pairs, and (ORPO's NLL)
-        the chosen answers' tokens."""
-        return [batch.pairs, chosen_tokens(batch)]
+        the tokens of the chosen sequences it predicts."""
+        orpo = self.kind == "orpo" and batch.pairs
+        return [batch.pairs, int(scored_chosen(batch.sequences).sum()) if orpo else 0]
 
     def forward(self, model, inputs: dict, labels: torch.Tensor, sequences: torch.Tensor):
         count = int(sequences.max()) + 1 if sequences.numel() else 0
-        return sequence_logps(model, inputs, labels, sequences, max(count, 0))
+        return sequence_logps(model, inputs, labels, sequences, max(count, 0), whole_chosen=self.kind == "orpo")
 
     def loss(self, outputs, batch, counts: list[float]) -> tuple[torch.Tensor, dict]:
         """The micro-batch's share of the step's loss (its pairs' losses over the step's pairs), and its metrics'
         sums."""
-        sums, lengths = outputs
+        sums, lengths = outputs[:2]
+        nll = -outputs[2] if len(outputs) > 2 else None  # ORPO: the chosen sequences' NLL, summed
         pairs, tokens = counts
         if batch.pairs == 0:  # a rank's empty share: zero, with the graph DDP needs
-            return sums.sum() * 0.0, dict.fromkeys(self.stat_names(), 0.0)
-        losses, chosen_rewards, rejected_rewards, nll = self.pair_losses(sums, lengths, batch.reference)
+            return (sums.sum() if nll is None else nll) * 0.0, dict.fromkeys(self.stat_names(), 0.0)
+        losses, chosen_rewards, rejected_rewards = self.pair_losses(sums, lengths, batch.reference)
         loss = losses.sum() / max(pairs, 1)
         if nll is not None:
             loss = loss + nll / max(tokens, 1)
@@ -126,8 +144,8 @@ class PreferenceObjective:
         return out
 
     def pair_losses(self, sums: torch.Tensor, lengths: torch.Tensor, reference: torch.Tensor | None):
-        """(per-pair losses, chosen rewards, rejected rewards, the chosen tokens' NLL sum or None) from each
-        sequence's log-probability sum and length (chosen at even, rejected at odd positions)."""
+        """(per-pair losses, chosen rewards, rejected rewards) from each sequence's log-probability sum and length
+        (chosen at even, rejected at odd positions). ORPO's NLL term is the forward's (sequence_logps)."""
         beta, kind = self.beta, self.kind
         chosen, rejected = sums[0::2], sums[1::2]
         chosen_len, rejected_len = lengths[0::2].clamp(min=1), lengths[1::2].clamp(min=1)
@@ -136,12 +154,11 @@ class PreferenceObjective:
             rewards = (beta * chosen_mean.detach(), beta * rejected_mean.detach())
             if kind == "simpo":
                 losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - self.gamma)
-                return losses, *rewards, None
+                return losses, *rewards
             # ORPO: log odds of the mean token probability p, log(p / (1 - p)), from log p (< 0)
             log_odds = (chosen_mean - rejected_mean) - (
                 torch.log1p(-torch.exp(chosen_mean)) - torch.log1p(-torch.exp(rejected_mean)))
-            losses = -beta * F.logsigmoid(log_odds)
-            return losses, *rewards, -chosen.sum()
+            return -beta * F.logsigmoid(log_odds), *rewards
         if reference is None:
             raise TrainingError(f"the {kind} loss needs the pairs' reference log-probabilities, and this batch has "
                                 "none (compute them with preference.reference_logps before training)")
@@ -149,21 +166,21 @@ class PreferenceObjective:
         rewards = (beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
         if kind == "ipo":
             delta = chosen_ratio / chosen_len - rejected_ratio / rejected_len
-            return (delta - 1 / (2 * beta)) ** 2, *rewards, None
+            return (delta - 1 / (2 * beta)) ** 2, *rewards
         delta = chosen_ratio - rejected_ratio
         if kind == "hinge":
-            return torch.relu(1 - beta * delta), *rewards, None
-        return -F.logsigmoid(beta * delta), *rewards, None
+            return torch.relu(1 - beta * delta), *rewards
+        return -F.logsigmoid(beta * delta), *rewards
 
     # ---- before training, and evaluation
 
     @torch.no_grad()
     def sequence_logps_of(self, model, pairs: list, pad_id: int, batch_size: int, packed: bool, processes=None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """Every pair's (chosen, rejected) log-probability sums and lengths, [pairs, 2] each, in eval mode (no
-        dropout): the reference before training, the policy in evaluation. On several processes each rank
-        computes its share in as many forwards as the others (a sharded model gathers weights in each) and the
-        shares are summed."""
+        dropout): the reference before training, the policy in evaluation; with ORPO, its NLL term's sum and
+        tokens over all the pairs too (else 0, 0). On several processes each rank computes its share in as many
+        forwards as the others (a sharded model gathers weights in each) and the shares are summed."""
         from .data.preference import collate_pairs
 
         precision = precision_of(model)
@@ -174,6 +191,7 @@ class PreferenceObjective:
         forwards = math.ceil(math.ceil(len(pairs) / world) / batch_size)
         sums = torch.zeros(len(pairs), 2, dtype=LOSS_DTYPE)
         lengths = torch.zeros(len(pairs), 2, dtype=LOSS_DTYPE)
+        nll, nll_tokens = 0.0, 0.0
         was_training = model.training
         model.eval()
         try:
@@ -182,28 +200,28 @@ class PreferenceObjective:
                 batch = (collate_pairs([pairs[i] for i in chunk], pad_id, packed) if chunk
                          else placeholder(pad_id)).to(device)
                 with precision.autocast():
-                    got, length = self.forward(model, batch.model_inputs(), batch.labels, batch.sequences)
+                    got = self.forward(model, batch.model_inputs(), batch.labels, batch.sequences)
                 if chunk:
-                    sums[chunk] = got.view(-1, 2).cpu()
-                    lengths[chunk] = length.view(-1, 2).cpu()
+                    sums[chunk] = got[0].view(-1, 2).cpu()
+                    lengths[chunk] = got[1].view(-1, 2).cpu()
+                    if len(got) > 2:
+                        nll, nll_tokens = nll - float(got[2]), nll_tokens + self.counts(batch)[1]
         finally:
             model.train(was_training)
         if distributed:
-            flat = processes.sum(torch.cat([sums.view(-1), lengths.view(-1)]).tolist(), device)
-            both = torch.tensor(flat, dtype=LOSS_DTYPE).view(2, len(pairs), 2)
-            sums, lengths = both[0], both[1]
-        return sums, lengths
+            flat = processes.sum(torch.cat([sums.view(-1), lengths.view(-1)]).tolist() + [nll, nll_tokens], device)
+            both = torch.tensor(flat[:-2], dtype=LOSS_DTYPE).view(2, len(pairs), 2)
+            sums, lengths, nll, nll_tokens = both[0], both[1], flat[-2], flat[-1]
+        return sums, lengths, nll, nll_tokens
 
     def evaluate(self, model, pairs: list, pad_id: int, batch_size: int, packed: bool, processes=None) -> dict:
         """The loss and reward metrics over held-out pairs (whose reference log-probabilities are set)."""
-        sums, lengths = self.sequence_logps_of(model, pairs, pad_id, batch_size, packed, processes)
+        sums, lengths, nll, nll_tokens = self.sequence_logps_of(model, pairs, pad_id, batch_size, packed, processes)
         reference = None
         if self.needs_reference:
             reference = torch.tensor([side for pair in pairs for side in pair.reference], dtype=LOSS_DTYPE)
-        losses, chosen, rejected, nll = self.pair_losses(sums.view(-1), lengths.view(-1), reference)
-        loss = float(losses.mean())
-        if nll is not None:
-            loss += float(nll) / max(float(lengths[:, 0].sum()), 1.0)
+        losses, chosen, rejected = self.pair_losses(sums.view(-1), lengths.view(-1), reference)
+        loss = float(losses.mean()) + (nll / nll_tokens if nll_tokens else 0.0)
         return {"loss": loss, "reward_accuracy": float((chosen > rejected).sum()) / max(len(pairs), 1),
                 "reward_margin": float((chosen - rejected).mean()), "pairs": len(pairs)}
 
@@ -237,22 +255,13 @@ class PreferenceObjective:
         started = time.perf_counter()
         tensors = {}
         for name, pairs in parts.items():
-            sums, _ = self.sequence_logps_of(model, pairs, pad_id, cfg.batch_size, cfg.packing, processes)
+            sums = self.sequence_logps_of(model, pairs, pad_id, cfg.batch_size, cfg.packing, processes)[0]
             for pair, values in zip(pairs, sums.tolist()):
                 pair.reference = tuple(values)
             tensors[name] = sums
         log(f"reference: log-probabilities of {len(data.train) + len(data.validation)} pairs computed with the "
             f"adapters as the run starts ({time.perf_counter() - started:.0f} s)")
         return tensors
-
-
-def chosen_tokens(batch) -> int:
-    """The trained tokens of the batch's chosen answers (sequences 0, 2, 4, ...)."""
-    if batch.pairs == 0:
-        return 0
-    trained = batch.labels[:, 1:] != -100
-    owner = batch.sequences[:, 1:]
-    return int((trained & (owner >= 0) & (owner % 2 == 0)).sum())
 
 
 def write_reference(out: Path, tensors: dict, fingerprint: dict) -> None:
