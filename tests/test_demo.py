@@ -9,7 +9,7 @@ import re
 import pytest
 
 from conftest import save_tiny_bpe_model
-from qlorakit.demo import demo_files, demo_rows, run_demo
+from qlorakit.demo import demo_files, demo_rows, preference_files, preference_rows, run_demo, run_preference_demo
 
 
 @pytest.fixture
@@ -54,3 +54,37 @@ def test_the_demo_trains_on_its_files_as_any_run(cache, tmp_path):
                                f"held out; written to {train.parent})") for line in lines), lines
     assert any(line.startswith(f"data: {train} (chat): 240 examples") for line in lines), lines
     assert result["before"]["total"] == result["after"]["total"] == 4
+
+
+def test_the_preference_demo_pairs_the_tasks_answers_with_plausible_misses(cache):
+    """Each pair: the task's record chosen, a rejection of the kind its turn names (a wrong age or city, or the
+    record in another format) — never the chosen answer itself; held-out prompts are not trained on."""
+    train, held = preference_rows(n_train=24, n_heldout=6)
+    sft, _ = demo_rows(n_train=24, n_heldout=6)
+    assert [p["prompt"] for p in train] == [[r["messages"][0]] for r in sft]
+    assert {p["prompt"][0]["content"] for p in train}.isdisjoint(p["prompt"][0]["content"] for p in held)
+    kinds = [re.fullmatch(r"[A-Z][a-z]+\|\d+\|[a-z]+\|[A-Z][a-z]+", p["rejected"][0]["content"]) is not None
+             for p in train]
+    assert kinds[:6] == [False, True, False, True, False, False]  # spaces, age, commas, city, labels, order
+    for pair in train:
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert chosen != rejected and re.fullmatch(r"[A-Z][a-z]+\|\d+\|[a-z]+\|[A-Z][a-z]+", chosen)
+    assert [json.loads(line) for line in preference_files(24, 6)[0].read_text().splitlines()] == train
+
+
+def test_the_preference_demo_runs_as_a_users_dpo_run(cache, tmp_path):
+    """On a tiny model: the run trains on the pairs' files with the held-out file as validation, and reports the
+    held-out preference before and after, and the run's held-out reward metrics."""
+    base = save_tiny_bpe_model(tmp_path / "base")
+    lines = []
+    result = run_preference_demo(log=lines.append, progress=False, n_train=16, n_heldout=4, model=str(base),
+                                 quant="none", dtype="fp32", device="cpu", max_steps=2, batch_size=4,
+                                 output=str(tmp_path / "demo"))
+    train, heldout = preference_files(16, 4)
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert (config["data"], config["validation_data"], config["objective"]) == (str(train), str(heldout),
+                                                                                "preference")
+    assert result["before"]["total"] == result["after"]["total"] == 4 and result["eval"]["pairs"] == 4
+    assert any(line.startswith("held-out pairs where the model prefers the chosen answer, before tuning") for line in
+               lines), lines
+    assert any(f"qlorakit eval --adapter {tmp_path / 'demo'} --data {heldout}" in line for line in lines), lines

@@ -149,7 +149,9 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: b
 # default model (nf4, fp32; 30 pairs each): it already prefers the right field ~98% of the time and the asked
 # format 0-77% of the time, so before tuning it prefers the chosen answer on about half of the pairs.
 REJECTIONS = ("spaces", "age", "commas", "city", "labels", "order")
-PREFERENCE_SETTINGS = dict(max_steps=30, batch_size=8, lr=5e-4, schedule="cosine", warmup_steps=3, max_length=256,
+# lr: measured on the default model, 5e-4 gives the same held-out accuracy but a model that answers in broken text
+# (the rejected answers' log-probabilities pushed down by ~75 nats); 1e-4 keeps its answers fluent.
+PREFERENCE_SETTINGS = dict(max_steps=30, batch_size=8, lr=1e-4, schedule="cosine", warmup_steps=3, max_length=256,
                            loss="sigmoid", beta=0.1, output="qlorakit-dpo-demo")
 
 
@@ -200,7 +202,7 @@ def _held_out_preference(model, tokenizer, heldout: Path, max_length: int, batch
 
 
 def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: bool = False,
-                        **overrides) -> dict:
+                        n_train: int = 240, **overrides) -> dict:
     """Preference-tune the default model on the built-in pairs (preference_rows) and report, on held-out pairs, how
     often it prefers the chosen answer before and after, and the run's held-out reward accuracy. A user's run:
     `train_preference` on the pairs' JSONL files, the held-out file as its validation data.
@@ -223,10 +225,9 @@ def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, o
         "replace it with `qlorakit dpo --overwrite`, or choose another --output"))
     model, tokenizer = load(config.model, quant=config.quant, double_quant=config.double_quant, dtype=config.dtype,
                             device=config.device)
-    train_file, heldout_file = preference_files(n_heldout=n_heldout, seed=config.seed)
+    train_file, heldout_file = preference_files(n_train, n_heldout, seed=config.seed)
     config = PreferenceConfig.from_dict(config.to_dict() | {"data": str(train_file),
                                                             "validation_data": str(heldout_file)})
-    n_train = sum(1 for line in train_file.read_text(encoding="utf-8").splitlines() if line.strip())
     log(f"built-in preference task: {INSTRUCTION!r}, the chosen answer in that format, the rejected one with a "
         f"wrong field or another format ({n_train} training pairs, {n_heldout} held out; written to "
         f"{train_file.parent})")
@@ -239,7 +240,7 @@ def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, o
     log(f"held-out pairs where the model prefers the chosen answer, after tuning:  {after['accuracy']:.0%} "
         f"({after['correct']}/{after['total']}); held-out reward accuracy {result.eval['reward_accuracy']:.0%}, "
         f"margin {result.eval['reward_margin']:.2f}")
-    log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; try it with: "
-        f"qlorakit chat --adapter {result.output} --prompt $'{INSTRUCTION}\\nSven, 41, works as a pilot in Oslo.'")
+    log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; measure it on the held-out "
+        f"pairs with: qlorakit eval --adapter {result.output} --data {heldout_file}")
     return {"before": before, "after": after, "eval": result.eval, "output": result.output, "seconds": seconds,
             "run": result}

@@ -387,7 +387,8 @@ class Precision:
                     )
                     raise PrecisionError(
                         f"{name}: trainable parameter is {dtype_name(param.dtype)} ({rule}). Something cast it after "
-                        "qlorakit set it up; call Precision.apply(model), or use qlorakit.SFTTrainer with TRL."
+                        "qlorakit set it up; call Precision.apply(model), or use qlorakit's TRL trainers "
+                        "(qlorakit.SFTTrainer, DPOTrainer, GRPOTrainer, ...)."
                     )
             elif param.dtype != self.compute:
                 raise PrecisionError(

@@ -161,7 +161,7 @@ class PreferenceObjective:
             return -beta * F.logsigmoid(log_odds), *rewards
         if reference is None:
             raise TrainingError(f"the {kind} loss needs the pairs' reference log-probabilities, and this batch has "
-                                "none (compute them with preference.reference_logps before training)")
+                                "none (PreferenceObjective.prepare computes them before training)")
         chosen_ratio, rejected_ratio = chosen - reference[0::2], rejected - reference[1::2]
         rewards = (beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
         if kind == "ipo":
