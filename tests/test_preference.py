@@ -219,6 +219,7 @@ def test_sft_data_and_preference_data_are_each_refused_by_the_other_command(tmp_
     ({"beta": float("nan")}, "beta=nan"),
     ({"loss": "kto"}, "loss='kto' is not a preference loss"),
     ({"simpo_gamma": -1.0}, "simpo_gamma=-1.0"),
+    ({"simpo_gamma": 1.0}, "simpo_gamma=1.0 is SimPO's margin, and loss='sigmoid' has none"),
 ])
 def test_settings_that_do_not_fit_are_refused(settings, message):
     with pytest.raises(qlorakit.ConfigError, match=message.replace("(", "\\(")):
@@ -266,3 +267,49 @@ def test_dpo_command_trains_and_eval_measures_the_preference(tmp_path, tiny_mode
                  str(tmp_path / "answers.jsonl")]) == 2
     assert "preference pairs, which have no answers" in capsys.readouterr().err
     assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_a_resume_without_its_reference_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, pairs_file,
+                                                                          monkeypatch):
+    out = tmp_path / "run"
+    _run(tiny_model_dir, pairs_file, out, max_steps=2, save_every=1)
+    (out / REFERENCE_FILE).unlink()
+    import sys
+
+    monkeypatch.setattr(sys.modules["qlorakit.train"], "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    settings = json.loads((out / "config.json").read_text())
+    settings = {k: v for k, v in settings.items() if k in qlorakit.PreferenceConfig().to_dict()} | {
+        "resume": True, "max_steps": 4}
+    with pytest.raises(qlorakit.TrainingError, match="reference_logps.safetensors is missing"):
+        qlorakit.train_preference(log=lambda *a: None, progress=False, **settings)
+    (out / REFERENCE_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(qlorakit.TrainingError, match="reference_logps.safetensors: cannot be read"):
+        qlorakit.train_preference(log=lambda *a: None, progress=False, **settings)
+
+
+@pytest.mark.parametrize("config", [123, {"loss": "ipo"}])
+def test_a_config_of_another_type_is_a_clear_error(config):
+    with pytest.raises(qlorakit.ConfigError, match="pass a PreferenceConfig, the path of a YAML config file, or None"):
+        qlorakit.train_preference(config, log=lambda *a: None)
+
+
+def test_the_demo_refuses_data_settings_before_loading(monkeypatch):
+    from qlorakit.cli import main
+
+    import sys
+
+    monkeypatch.setattr(sys.modules["qlorakit.load"], "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["dpo", "--validation", "0.1"]) == 2
+    assert main(["train", "--validation-data", "x.jsonl"]) == 2
+
+
+def test_eval_limit_scores_the_first_pairs(tmp_path, tiny_model_dir, pairs_file, capsys):
+    from qlorakit.cli import main
+
+    out = tmp_path / "run"
+    _run(tiny_model_dir, pairs_file, out, max_steps=1)
+    assert main(["eval", "--adapter", str(out), "--model", str(tiny_model_dir), "--data", str(pairs_file),
+                 "--device", "cpu", "--limit", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 3
+    assert main(["eval", "--adapter", str(out), "--data", str(pairs_file), "--limit", "0"]) == 2
+    assert "--limit 0" in capsys.readouterr().err

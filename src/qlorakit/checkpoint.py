@@ -297,12 +297,13 @@ def check_resumable(out: Path, config, world: int = 1) -> dict:
         raise TrainingError(f"{out}: the run there is a {kind} run ({command}); {other} --resume cannot continue it: "
                             f"resume it with {command} --resume")
     now = config.to_dict()
+    skipped = getattr(config, "NOT_APPLICABLE", {})  # (settings a preference run does not have)
     changed = [k for k in SAME_RUN if k in saved and k in now and _setting(k, saved[k]) != _setting(k, now[k])]
     if changed:
         k = changed[0]
         raise TrainingError(
             f"{out}: --resume with {k}={show(now[k])}, but the run was started with {k}={show(saved[k])}; "
-            f"a resumed run must keep {', '.join(s for s in SAME_RUN if s in now)}"
+            f"a resumed run must keep {', '.join(s for s in SAME_RUN if s in now and s not in skipped)}"
         )
     check_world(out, saved, config, world)
     return saved

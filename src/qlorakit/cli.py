@@ -191,6 +191,9 @@ def _chat(args) -> int:
 
 
 def _eval(args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: evaluate the first N examples with N of 1 or more, or leave "
+                          "--limit out for all of them")
     if args.show < 0:
         raise ConfigError(f"--show {args.show}: the number of wrong answers to print must be 0 (none) or more")
     if args.output is not None and args.no_exact_match:
@@ -217,8 +220,8 @@ def _eval(args) -> int:
         examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows, report, fields=fields,
                                       config=args.data_config, split=args.split)
         matched = examples[: args.limit] if args.limit else examples
-        if fmt == "preference":
-            return _eval_pairs(args, examples, report, answers_file)
+        if fmt == "preference":  # (--limit: the first N pairs; no answers to match)
+            return _eval_pairs(args, matched, report, answers_file)
         if fmt == "text" and answers_file is not None:
             raise ConfigError(f"--output {args.output}: {args.data} is plain text (format text), which has no "
                               "reference answers to match; leave out --output")
@@ -472,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Loss and perplexity over the trained tokens of DATA (answers only), and "
                         "exact-match accuracy of greedy answers against the reference answers (the last assistant "
                         "turn, output or completion), with the first wrong answers (--show) and, with --output, "
-                        "every answer in a JSON lines file.")
+                        "every answer in a JSON lines file. On preference pairs (prompt, chosen, rejected): the chosen "
+                        "answers' loss and perplexity, and how often the model gives the chosen answer the higher "
+                        "log-probability (--limit: the first N pairs).")
     _add_model_flags(ev)
     ev.add_argument("--data", required=True, help="evaluation data: a file, dataset directory or Hub dataset id "
                     "(org/name[@revision]), in the formats train reads")
@@ -484,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data format (default auto: detected from the fields)")
     ev.add_argument("--max-length", type=int, default=1024, help="tokens per example (default 1024)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per forward pass for the loss (default 8)")
-    ev.add_argument("--limit", type=int, help="exact match on the first N examples only")
+    ev.add_argument("--limit", type=int, help="exact match on the first N examples only (pairs: score the first N)")
     ev.add_argument("--no-exact-match", action="store_true", help="loss and perplexity only")
     ev.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     ev.add_argument("--json", action="store_true", help="also print the results as one JSON line")

@@ -289,7 +289,17 @@ class PreferenceConfig(TrainConfig):
                      "computed once, before the first step",
     }
 
-    lr: float = option(5e-5, "peak learning rate", heading="optimisation")
+    # TrainConfig's settings said of pairs (their help), or with a preference run's own defaults
+    format: str = option("auto", "data format: preference pairs (prompt, chosen, rejected)",
+                         choices=("auto", "preference"), default_note="detected from the fields")
+    max_length: int = option(1024, "tokens per sequence (the prompt and one answer)")
+    on_long: str = option("truncate", "pairs with a sequence over --max-length: truncate (counted), drop, or stop "
+                          "with an error", choices=ON_LONG)
+    validation: float = option(0.0, "fraction of pairs held out for evaluation")
+    adapter: str | None = option(None, "continue this LoRA adapter (e.g. an SFT run's --output); the run's reference "
+                                 "is then this adapter, as it starts")
+    batch_size: int = option(8, "pairs per micro-batch", heading="optimisation")
+    lr: float = option(5e-5, "peak learning rate")
     output: str = option("qlorakit-dpo", "run directory: adapter, config, metrics, checkpoints", heading="run")
     loss: str = option("sigmoid", "sigmoid: DPO; ipo: IPO (per-token log-ratios); hinge: SLiC's hinge; orpo: ORPO "
                        "(odds ratio plus the chosen answers' NLL, no reference); simpo: SimPO (length-normalised, "
@@ -315,6 +325,10 @@ class PreferenceConfig(TrainConfig):
         check_number("beta", self.beta, 0.0, None, low_ok=False, where=where, hint="typical: 0.1 (0.01 to 0.5)")
         check_number("simpo_gamma", self.simpo_gamma, 0.0, None, low_ok=True, where=where,
                      hint="typical: 0.5 to 1.5")
+        gamma_default = next(f.default for f in fields(self) if f.name == "simpo_gamma")
+        if self.simpo_gamma != gamma_default and self.loss != "simpo":
+            raise ConfigError(f"{where}: simpo_gamma={show(self.simpo_gamma)} is SimPO's margin, and loss="
+                              f"{show(self.loss)} has none; use --loss simpo, or leave simpo_gamma out")
 
 
 def config_class(objective: str | None) -> type[TrainConfig]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from .errors import ConfigError
+
 NAMES = [
     "Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jia", "Kofi", "Lena", "Mateo",
     "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wen", "Ximena", "Yusuf", "Zara",
@@ -90,6 +92,20 @@ def _cached_files(train_rows: list[dict], heldout_rows: list[dict]) -> tuple[Pat
     return directory / "train.jsonl", directory / "heldout.jsonl"
 
 
+# The settings of a run's data, which the demos bring themselves (their task's files, the held-out file as validation).
+_DATA_SETTINGS = ("data", "data_config", "split", "validation_split", "streaming", "field", "format", "validation",
+                  "validation_data")
+
+
+def _check_demo_settings(settings: dict, command: str) -> None:
+    """The built-in demos bring their own data and held-out set: data settings are refused before the model loads."""
+    given = [key for key in _DATA_SETTINGS if settings.get(key) not in (None, False, 0.0, "auto", "train")]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ConfigError(f"{flag}: `qlorakit {command}` without --data runs the built-in demo, which brings its own "
+                          f"data and held-out set; give --data to train on yours, or leave {flag} out")
+
+
 def _holds(file: Path, text: str) -> bool:
     try:
         return file.read_text(encoding="utf-8") == text
@@ -114,6 +130,7 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: b
     from .train import train
 
     started = time.perf_counter()
+    _check_demo_settings(overrides, "train")
     settings = DEMO_SETTINGS | {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("warmup_steps") is None and isinstance(settings["max_steps"], int):
         settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"])  # `--max-steps 2` works
@@ -217,6 +234,7 @@ def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, o
     from .preference import train_preference
 
     started = time.perf_counter()
+    _check_demo_settings(overrides, "dpo")
     settings = PREFERENCE_SETTINGS | {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("warmup_steps") is None and isinstance(settings["max_steps"], int):
         settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"])

@@ -337,7 +337,8 @@ def _data_lines(config: dict, front: dict) -> list[str]:
     if config.get("validation_data"):
         lines.append(f"- Validation data: `{_home(str(config['validation_data']))}`")
     elif config.get("validation"):
-        lines.append(f"- Validation data: {config['validation']:.0%} of the examples, held out")
+        unit = "pairs" if config.get("objective") == "preference" else "examples"
+        lines.append(f"- Validation data: {config['validation']:.0%} of the {unit}, held out")
     return lines
 
 

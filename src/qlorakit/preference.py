@@ -237,6 +237,12 @@ class PreferenceObjective:
 
     # ---- the reference, once per run
 
+    def check_resumable(self, out: Path) -> None:
+        """Before the model loads: a --resume needs the reference file the run's start wrote, readable (whether it
+        is for this data is checked once the data is tokenized)."""
+        if self.needs_reference:
+            read_reference(out, None)
+
     def prepare(self, model, data, pad_id: int, cfg, processes, out: Path, resume: bool, fingerprint: dict, log):
         """Set every pair's reference log-probabilities (training and validation): read from the run directory on a
         --resume, else computed now, with the adapters as the run starts. Returns what start_writing must write
@@ -278,9 +284,9 @@ def write_reference(out: Path, tensors: dict, fingerprint: dict) -> None:
                   metadata={"data": json.dumps(fingerprint, sort_keys=True)})
 
 
-def read_reference(out: Path, fingerprint: dict) -> dict:
+def read_reference(out: Path, fingerprint: dict | None) -> dict:
     """The reference log-probabilities a run wrote (write_reference), for a --resume of that run on the same
-    data."""
+    data (`fingerprint`; None: any)."""
     import json
 
     from safetensors import safe_open
@@ -297,7 +303,7 @@ def read_reference(out: Path, fingerprint: dict) -> dict:
         tensors = load_file(str(path))
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error types
         raise TrainingError(f"{path}: cannot be read ({e}); start the run again (--overwrite)") from None
-    if saved != fingerprint:
+    if fingerprint is not None and saved != fingerprint:
         raise TrainingError(f"{path} was computed for other data than this resume reads; resume with the run's "
                             "data, or start again (--overwrite)")
     return tensors

@@ -34,7 +34,7 @@ from .distributed import (
     LostContact, Processes, check_shardable, device_of, full_optimizer_state, full_trainable_state,
     is_communication_error, join_run, load_full_optimizer_state, lost_contact, shard, wrap,
 )
-from .errors import ConfigError, DataError, TrainingError, check_number
+from .errors import ConfigError, DataError, TrainingError, check_number, show
 from .evaluate import eval_loss
 from .load import load, quantization_summary
 from .loss import batch_loss, causal_lm_loss
@@ -91,6 +91,9 @@ class LanguageModeling:
 
     def prepare(self, *args, **kwargs):
         return None  # nothing to compute before training
+
+    def check_resumable(self, out: Path) -> None:
+        pass  # nothing of its own in the run directory
 
     def evaluate(self, model, items, pad_id: int, batch_size: int, packed: bool, processes=None) -> dict:
         return eval_loss(model, items, pad_id, batch_size, packed, processes)
@@ -340,6 +343,9 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
     """The run, top to bottom; its output's claim goes into `claims`, which run() releases, its trackers into
     `trackers`, which run() closes, and a process group it set up into `groups`."""
     config_class = objective_type.config_class
+    if config is not None and not isinstance(config, (TrainConfig, str, Path)):
+        raise ConfigError(f"config={show(config)}: pass a {config_class.__name__}, the path of a YAML config file, or "
+                          "None (the defaults), with settings as keywords")
     if isinstance(config, TrainConfig) and type(config) is not config_class:
         other = "train_preference (qlorakit dpo)" if config_class is TrainConfig else "train (qlorakit train)"
         raise ConfigError(f"a {type(config).__name__} is the settings of {other}; pass a {config_class.__name__}")
@@ -369,6 +375,7 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
         saved, resume_from, resume_contents = {}, None, None
         if cfg.resume:
             saved = check_resumable(out, cfg, processes.world)
+            objective.check_resumable(out)  # what it computed at the start (preference: the reference) is there
             resume_from, resume_contents = newest_intact_checkpoint(out / "checkpoints", log)
         check_trackers(cfg.trackers(), out, cfg.resume)  # --report-to: the libraries, the tracker runs to continue
         return saved, resume_from, resume_contents
@@ -450,9 +457,6 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
     processes.agree({key: value for key, value in cfg.to_dict().items()
                      if key not in ("model", "data", "validation_data", "adapter", "output")}
                     | {"data": fingerprint, "model": quantization_summary(model), "trainable parameters": trainable})
-    # What the objective computes once before training (preference: each pair's reference log-probabilities, with
-    # the adapters as they start; read back on a --resume), to be written with the run's first files.
-    prepared = objective.prepare(model, data, pad_id, cfg, processes, out, cfg.resume, fingerprint, log)
 
     # 4. Optimizer and schedule.
     # A step's micro-batches are all held at once: bound them by the data (streamed data: None here, checked as its
@@ -463,9 +467,9 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
     if micro_per_epoch is not None and cfg.grad_accum > micro_per_epoch:
         per = f"{cfg.batch_size} on each of {processes.world} processes" if processes.distributed else cfg.batch_size
         raise ConfigError(
-            f"grad_accum={cfg.grad_accum} is more micro-batches than the data holds ({len(data.train)} examples in "
-            f"batches of {per}: {micro_per_epoch}); one optimizer step would pass over the data more than "
-            f"once: use grad_accum of at most {micro_per_epoch}"
+            f"grad_accum={cfg.grad_accum} is more micro-batches than the data holds ({len(data.train)} "
+            f"{data.report.unit} in batches of {per}: {micro_per_epoch}); one optimizer step would pass over the data "
+            f"more than once: use grad_accum of at most {micro_per_epoch}"
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(micro_per_epoch / cfg.grad_accum)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * total_steps)
@@ -474,6 +478,9 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
             f"warmup_steps={warmup} is longer than the run ({total_steps} steps): the learning rate would never "
             "reach lr; use fewer warmup steps"
         )
+    # What the objective computes once before training (preference: each pair's reference log-probabilities, with
+    # the adapters as they start; read back on a --resume), to be written with the run's first files.
+    prepared = objective.prepare(model, data, pad_id, cfg, processes, out, cfg.resume, fingerprint, log)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     step_fn = TrainStep(model, optimizer=optimizer, max_grad_norm=cfg.max_grad_norm, processes=processes,

@@ -141,7 +141,20 @@ def _field(row: Row, name: str, kind=str, optional=False):
             f"{row.where}: field {name!r} must be a {'string' if kind is str else 'list'}, "
             f"not {type(value).__name__}"
         )
+    if kind is str:
+        _check_unicode(f"{row.where}: field {name!r}", value)
     return value
+
+
+def _check_unicode(here: str, text: str) -> None:
+    """Text the tokenizer can encode: a lone UTF-16 surrogate (JSON's "\\ud83d" without its pair) is no
+    character, and the tokenizer would fail on it with a TypeError naming nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{here} holds {text[e.start]!r} at character {e.start}, half of a UTF-16 surrogate pair "
+                        "(a JSON \\uXXXX escape without its other half), which is not text; fix the text, or leave "
+                        "the row out (--skip-bad-rows skips such rows)") from None
 
 
 def _messages(row: Row, name: str, turns: list) -> list[dict]:
@@ -164,6 +177,7 @@ def _messages(row: Row, name: str, turns: list) -> list[dict]:
         content = turn[content_key]
         if not isinstance(content, str):
             raise DataError(f"{here}: {content_key!r} must be a string, not {type(content).__name__}")
+        _check_unicode(f"{here}: {content_key!r}", content)
         out.append({"role": role, "content": content})
     if not out:
         raise DataError(f"{row.where}: {name!r} is empty; a conversation needs at least one assistant turn")
@@ -226,6 +240,8 @@ def _preference(row: Row) -> PreferenceExample:
             "conversations that share their first turns): read them from other columns with --field "
             "chosen=COLUMN --field rejected=COLUMN (and --field prompt=COLUMN)"
         )
+    row = Row(row.fields | {name: _conversation_text(row.fields[name]) for name in ("prompt", *_PAIR)
+                            if name in row.fields}, row.where)
     values = {name: row.fields.get(name) for name in ("prompt", *_PAIR)}
     # No prompt: whole conversations. (A null prompt with two strings is a text pair with its prompt missing.)
     if values["prompt"] is None and not ("prompt" in row.fields and all(isinstance(values[n], str) for n in _PAIR)):
@@ -243,6 +259,22 @@ def _preference(row: Row) -> PreferenceExample:
     _check_differ(row, chosen, rejected)
     return PreferenceExample(row.where, Example(f"{row.where} (chosen)", prompt=prompt, completion=chosen),
                              Example(f"{row.where} (rejected)", prompt=prompt, completion=rejected))
+
+
+def _conversation_text(value):
+    """A string that holds a list of messages as JSON (a CSV cell, a column stored as text) -> that list, so a
+    chat pair in CSV is read as one, not trained on its JSON text. Only a list of objects with a 'role' (or
+    'from') key counts: a text answer that happens to be JSON ("[1, 2]", '[{"name": "x"}]') stays text."""
+    if not (isinstance(value, str) and value.lstrip().startswith("[")):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    if isinstance(parsed, list) and parsed and all(isinstance(turn, dict) and ("role" in turn or "from" in turn)
+                                                   for turn in parsed):
+        return parsed
+    return value
 
 
 def _text_field(row: Row, name: str) -> str:

@@ -88,9 +88,17 @@ def pair_tokenizer(tokenizer, max_length: int, on_long: str = "truncate", report
                     "its assistant turns, or the answer tokenizes to nothing); fix the data or the chat template"
                 )
             sides.append(item)
+        same = sides[0].input_ids == sides[1].input_ids and sides[0].labels == sides[1].labels
+        if same and not truncated:  # answers that differ as text but not as tokens ("w6 " and "w6")
+            raise DataError(
+                f"{pair.where}: the chosen and rejected answers differ as text but tokenize to the same tokens "
+                "(they differ only in spaces the tokenizer drops, or in characters it reads alike), so the pair "
+                "has nothing to compare; fix the row, or leave it out"
+            )
         report.truncated += truncated
-        if any(side.trained_tokens == 0 for side in sides):
-            report.dropped_long += 1  # an answer lay wholly beyond max_length: the pair has nothing to compare
+        if same or any(side.trained_tokens == 0 for side in sides):
+            # an answer lay wholly beyond max_length, or the answers differ only beyond it: nothing to compare
+            report.dropped_long += 1
             return None
         item = TokenizedPair(pair.where, *sides)
         report.examples += 1
