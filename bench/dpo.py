@@ -121,7 +121,7 @@ def _command_qlorakit(args, data: Path, work: Path) -> list[str]:
             args.device, "--rank", str(args.rank), "--alpha", str(args.alpha), "--batch-size", str(args.batch_size),
             "--max-length", str(args.max_length), "--lr", str(args.lr), "--schedule", "linear", "--warmup-steps",
             "0", "--max-steps", str(args.warmup + args.steps), "--loss", args.loss, "--beta", str(args.beta),
-            "--seed", "0", "--quiet"]
+            "--seed", "0", "--quiet"] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
 
 
 def _result_qlorakit(args, work: Path) -> dict:
@@ -166,6 +166,8 @@ def _parser():
     p.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "hinge"),
                    help="a loss both sides compute (TRL's DPOTrainer loss_type)")
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="qlorakit with --gradient-checkpointing, as TRL's default runs (off: qlorakit's default)")
     p.add_argument("--only", nargs="*", choices=WORKERS, help="run only these sides")
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--data-file", help=argparse.SUPPRESS)
@@ -199,6 +201,8 @@ def main() -> int:
         print("RESULT " + json.dumps(_side_hf(args, Path(args.data_file))))
         return 0
 
+    if args.gradient_checkpointing:
+        LABELS["qlorakit"] = "qlorakit dpo --gradient-checkpointing"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
