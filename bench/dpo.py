@@ -61,23 +61,16 @@ def _side_hf(args, data: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
+    from workload import hf_stack_base
 
     from qlorakit.data.batches import epoch_order
-    from qlorakit.load import resolve_source
     from qlorakit.precision import Precision, dtype_name
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     dtype = Precision.resolve(args.dtype, device=args.device).compute  # what `qlorakit dpo --dtype` resolves to
-    source = resolve_source(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, device_map={"": args.device},
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype),
-    )
+    model, tokenizer = hf_stack_base(args.model, dtype, args.device)
     steps: list[dict] = []  # per optimizer step: real tokens, seconds
 
     class Counting(DPOTrainer):

@@ -39,19 +39,11 @@ def _worker_hf(args, chats, heldout, dtype) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+    from workload import hf_stack_base
 
-    from qlorakit.load import resolve_source
-
-    source = resolve_source(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, device_map={"": args.device},
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype),
-    )
+    model, tokenizer = hf_stack_base(args.model, dtype, args.device)
     timings: list[tuple[float, int]] = []
 
     class Clock(TrainerCallback):

@@ -37,3 +37,21 @@ def heldout_loss(model, tokenizer, chats: list[dict], dtype: torch.dtype, max_le
         total += float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
     return total / count
+
+
+def hf_stack_base(model: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer) as the HF stack loads a QLoRA base: transformers with bitsandbytes' NF4 + double quant,
+    computing in `dtype` — the peer side of bench/run.py and bench/dpo.py."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from qlorakit.load import resolve_source
+
+    source = resolve_source(model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    base = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, device_map={"": device},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype),
+    )
+    return base, tokenizer

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .data import Example, Tokenized, collate
-from .data.batches import placeholder, share
+from .data.batches import evaluation_batches, placeholder
 from .errors import DataError
 from .generation import generate
 from .precision import precision_of
@@ -24,15 +24,11 @@ def eval_loss(model, items: list[Tokenized], pad_id: int, batch_size: int = 8, p
     precision = precision_of(model)
     device = next(p.device for p in model.parameters())
     was_training = model.training
-    forwards = math.ceil(len(items) / batch_size)
-    if processes is not None and processes.distributed:
-        forwards = math.ceil(math.ceil(len(items) / processes.world) / batch_size)
-        items = share(items, processes.rank, processes.world)
     model.eval()
     total, tokens = 0.0, 0
     try:
-        for start in range(0, forwards * batch_size, batch_size):
-            chunk = items[start : start + batch_size]
+        for indices in evaluation_batches(len(items), batch_size, processes):
+            chunk = [items[i] for i in indices]
             batch = (collate(chunk, pad_id, packed) if chunk else placeholder(pad_id)).to(device)
             with precision.autocast():
                 loss_sum, n = batch_loss(model, batch.model_inputs(), batch.labels)

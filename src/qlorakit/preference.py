@@ -28,7 +28,6 @@ several — with this module's objective in place of the language-modelling loss
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 from .choices import REFERENCE_FREE_LOSSES
 from .config import PreferenceConfig
-from .data.batches import placeholder, share
+from .data.batches import evaluation_batches, placeholder
 from .errors import TrainingError
 from .data.tokenize import IGNORE_INDEX
 from .precision import LOSS_DTYPE, precision_of
@@ -82,8 +81,6 @@ class PreferenceObjective:
     """A preference loss as train.py's step and run use an objective: the counts a step is normalised by, the
     forward (inside DDP/FSDP's wrapper), the loss and metrics of a micro-batch, and evaluation."""
 
-    name = "preference"
-    command = "dpo"
     config_class = PreferenceConfig
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, simpo_gamma: float = 0.5):
@@ -185,18 +182,13 @@ class PreferenceObjective:
 
         precision = precision_of(model)
         device = next(p.device for p in model.parameters())
-        distributed = processes is not None and processes.distributed
-        rank, world = (processes.rank, processes.world) if distributed else (0, 1)
-        mine = share(list(range(len(pairs))), rank, world)
-        forwards = math.ceil(math.ceil(len(pairs) / world) / batch_size)
         sums = torch.zeros(len(pairs), 2, dtype=LOSS_DTYPE)
         lengths = torch.zeros(len(pairs), 2, dtype=LOSS_DTYPE)
         nll, nll_tokens = 0.0, 0.0
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, forwards * batch_size, batch_size):
-                chunk = mine[start : start + batch_size]
+            for chunk in evaluation_batches(len(pairs), batch_size, processes):
                 batch = (collate_pairs([pairs[i] for i in chunk], pad_id, packed) if chunk
                          else placeholder(pad_id)).to(device)
                 with precision.autocast():
@@ -208,7 +200,7 @@ class PreferenceObjective:
                         nll, nll_tokens = nll - float(got[2]), nll_tokens + self.counts(batch)[1]
         finally:
             model.train(was_training)
-        if distributed:
+        if processes is not None and processes.distributed:
             flat = processes.sum(torch.cat([sums.view(-1), lengths.view(-1)]).tolist() + [nll, nll_tokens], device)
             both = torch.tensor(flat[:-2], dtype=LOSS_DTYPE).view(2, len(pairs), 2)
             sums, lengths, nll, nll_tokens = both[0], both[1], flat[-2], flat[-1]

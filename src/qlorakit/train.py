@@ -65,8 +65,6 @@ class LanguageModeling:
     micro-batches (on every rank) and divided by their number, so accumulation and several processes equal one big
     batch. The interface train.py's step and run use; preference.PreferenceObjective is the other."""
 
-    name = "sft"
-    command = "train"
     config_class = TrainConfig
 
     @classmethod
@@ -249,16 +247,16 @@ def _check_number(key: str, value, name: str | None = None, allow_none: bool = F
                  allow_none=allow_none)
 
 
-def check_format(examples, objective) -> None:
-    """SFT trains on examples, preference tuning on pairs: data of the other kind is refused before the model
-    loads, naming the command that reads it."""
+def check_format(examples, objective: str) -> None:
+    """SFT trains on examples, preference tuning on pairs (`objective`: the config's OBJECTIVE): data of the other
+    kind is refused before the model loads, naming the command that reads it."""
     label = examples.label
-    if objective.name == "preference" and examples.format != "preference":
+    if objective == "preference" and examples.format != "preference":
         raise DataError(f"{label}: the data reads as {examples.format} data, and preference training needs pairs: "
                         "each row a prompt, a chosen and a rejected answer (fields prompt, chosen, rejected; or "
                         "chosen and rejected conversations). Fine-tune on it with `qlorakit train`, or map your "
                         "columns with --field chosen=COLUMN --field rejected=COLUMN")
-    if objective.name != "preference" and examples.format == "preference":
+    if objective != "preference" and examples.format == "preference":
         raise DataError(f"{label}: the data holds preference pairs (chosen and rejected answers); tune on them with "
                         "`qlorakit dpo` (qlorakit.train_preference), or give SFT data (messages, prompt + "
                         "completion, instruction + output, or text)")
@@ -404,7 +402,7 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
     examples = read_data(cfg.data, cfg.format, cfg.skip_bad_rows, cfg.validation, cfg.validation_data, cfg.seed,
                          config=cfg.data_config, split=cfg.split, validation_split=cfg.validation_split,
                          fields=cfg.field_map(), streaming=cfg.streaming)
-    check_format(examples, objective)
+    check_format(examples, cfg.OBJECTIVE)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 

@@ -19,6 +19,7 @@ collates its contiguous share; the order, the positions and the epochs are those
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,6 +99,19 @@ def share(items: list, rank: int, world: int) -> list:
     differing by at most one when it is not."""
     n = len(items)
     return items[rank * n // world : (rank + 1) * n // world]
+
+
+def evaluation_batches(n: int, batch_size: int, processes=None) -> Iterator[list[int]]:
+    """The indices of `n` items this process evaluates, `batch_size` at a time: all of them on one process; on
+    several (`processes`, from distributed.join_run) its contiguous share, in as many batches as every other rank
+    runs (an empty list once its share has run out: the caller runs a placeholder), so that a sharded model's
+    gathers meet on every rank."""
+    distributed = processes is not None and processes.distributed
+    rank, world = (processes.rank, processes.world) if distributed else (0, 1)
+    mine = share(list(range(n)), rank, world)
+    forwards = math.ceil(math.ceil(n / world) / batch_size)
+    for start in range(0, forwards * batch_size, batch_size):
+        yield mine[start : start + batch_size]
 
 
 def collate_share(items: list, pad_id: int, packed: bool, rank: int, world: int,
