@@ -227,12 +227,12 @@ def test_settings_that_do_not_fit_are_refused(settings, message):
 
 
 def test_a_dpo_run_is_not_resumed_by_train_and_the_reverse(tmp_path, sigmoid_run, pairs_file):
-    with pytest.raises(qlorakit.TrainingError, match="preference-tuning run \\(qlorakit dpo\\).*qlorakit dpo --resume"):
+    with pytest.raises(qlorakit.TrainingError, match="preference training run \\(qlorakit dpo\\).*qlorakit dpo --resume"):
         qlorakit.train(data=str(pairs_file), output=str(sigmoid_run.output), resume=True, log=lambda *a: None)
 
 
 def test_a_train_config_is_refused_by_train_preference():
-    with pytest.raises(qlorakit.ConfigError, match="TrainConfig is the settings of train"):
+    with pytest.raises(qlorakit.ConfigError, match="TrainConfig is the settings of `qlorakit train`"):
         qlorakit.train_preference(qlorakit.TrainConfig(data="x.jsonl"), log=lambda *a: None)
 
 

@@ -2,6 +2,7 @@
 
     run = qlorakit.train(model="smollm2-135m-instruct", data="train.jsonl", output="out")   # the whole run
     run = qlorakit.train_preference(data="pairs.jsonl", loss="sigmoid", beta=0.1, output="dpo")  # then DPO & co.
+    run = qlorakit.train_grpo(data="prompts.jsonl", reward=["numeric:answer"], output="grpo")   # or RL with rewards
 
     model, tokenizer = qlorakit.load("smollm2-135m-instruct", quant="nf4", dtype="auto")     # or piece by piece
     model = qlorakit.add_lora(model, rank=16, alpha=32)
@@ -28,7 +29,7 @@ __all__ = [
     "TrainingError", "UpstreamError", "add_lora", "causal_lm_loss", "eval_loss", "exact_match", "export_gguf",
     "fast_path_report", "generate", "guard",
     "load", "load_adapter", "load_data", "merge", "precision_of", "quantize", "save_quantized", "train",
-    "PreferenceConfig", "train_preference",
+    "PreferenceConfig", "train_preference", "GRPOConfig", "train_grpo",
 ]
 
 
@@ -39,8 +40,8 @@ _HOMES = {
     "DEFAULT_MODEL": "choices", "QUANT_KINDS": "choices",
     "ConfigError": "errors", "DataError": "errors", "PrecisionError": "errors", "QLoraKitError": "errors",
     "SourceError": "errors", "TrainingError": "errors", "UpstreamError": "errors",
-    "TrainConfig": "config", "PreferenceConfig": "config",
-    "train_preference": "preference",
+    "TrainConfig": "config", "PreferenceConfig": "config", "GRPOConfig": "config",
+    "train_preference": "preference", "train_grpo": "grpo",
     "load": "load",
     "load_data": "data",
     "Precision": "precision", "precision_of": "precision",

@@ -263,10 +263,8 @@ def _part_of(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 # (batch_size: as the global batch, batch_size x processes, by check_world)
 SAME_RUN = ("model", "data", "data_config", "split", "field", "streaming", "quant", "double_quant", "rank", "alpha",
             "rslora", "targets", "adapter", "seed", "grad_accum", "max_length", "packing", "train_on", "format",
-            "parse_special_tokens", "objective", "loss", "beta", "simpo_gamma")
-
-
-_OBJECTIVES = {"sft": "fine-tuning", "preference": "preference-tuning"}
+            "parse_special_tokens", "objective", "loss", "beta", "simpo_gamma", "reward", "reward_weights",
+            "group_size", "max_new_tokens", "temperature", "top_p", "top_k", "epsilon", "epsilon_high")
 
 
 def check_resumable(out: Path, config, world: int = 1) -> dict:
@@ -291,11 +289,12 @@ def check_resumable(out: Path, config, world: int = 1) -> dict:
         raise TrainingError(f"{saved_path}: not the run's saved settings (a JSON object); start a new run "
                             "(--overwrite)")
     if saved.get("objective", "sft") != config.OBJECTIVE:  # (runs saved before preference tuning have none)
-        command, other = ("qlorakit dpo", "qlorakit train") if config.OBJECTIVE == "sft" else (
-            "qlorakit train", "qlorakit dpo")
-        kind = _OBJECTIVES.get(saved.get("objective"), "other")
-        raise TrainingError(f"{out}: the run there is a {kind} run ({command}); {other} --resume cannot continue it: "
-                            f"resume it with {command} --resume")
+        from .config import CONFIG_CLASSES
+
+        theirs = CONFIG_CLASSES.get(saved.get("objective"))
+        kind, command = (theirs.KIND, f"qlorakit {theirs.COMMAND}") if theirs else ("other", "the command that made it")
+        raise TrainingError(f"{out}: the run there is a {kind} run ({command}); qlorakit {config.COMMAND} --resume "
+                            f"cannot continue it: resume it with {command} --resume")
     now = config.to_dict()
     skipped = getattr(config, "NOT_APPLICABLE", {})  # (settings a preference run does not have)
     changed = [k for k in SAME_RUN if k in saved and k in now and _setting(k, saved[k]) != _setting(k, now[k])]
@@ -399,8 +398,10 @@ def resumed_dtype(out: Path, saved: dict, asked: str, log=print) -> str:
 
 
 def data_fingerprint(data) -> dict:
-    """What makes a resumed run see the same data (`data`: data.TrainingData): the token ids and labels of every
-    example, in order (hashed, so cheap to keep in each checkpoint), with counts to say what changed."""
+    """What makes a resumed run see the same data (`data`: what data.TrainingData.fingerprinted() and its kin give):
+    the token ids and labels of every example, in order (hashed, so cheap to keep in each checkpoint), with counts to
+    say what changed. A GRPO prompt has no labels; its row's other fields are hashed instead, since the rewards read
+    them (a changed answer column is other data)."""
     import hashlib
     from array import array
 
@@ -410,10 +411,16 @@ def data_fingerprint(data) -> dict:
         digest = hashlib.sha256()
         tokens = trained = 0
         for item in items:
-            ids, labels = array("q", item.input_ids), array("q", item.labels)
-            digest.update(array("q", [len(ids)]).tobytes() + ids.tobytes() + labels.tobytes())
+            ids, labels = array("q", item.input_ids), getattr(item, "labels", None)
+            digest.update(array("q", [len(ids)]).tobytes() + ids.tobytes())
+            if labels is not None:
+                digest.update(array("q", labels).tobytes())
+                trained += len(labels[1:]) - labels[1:].count(IGNORE_INDEX)  # item.trained_tokens, faster
+            row = getattr(item, "row", None)
+            if row is not None:  # its length first, so that no two items' bytes run into each other alike
+                text = json.dumps(row, sort_keys=True, default=str).encode()
+                digest.update(array("q", [len(text)]).tobytes() + text)
             tokens += len(ids)
-            trained += len(item.labels[1:]) - item.labels[1:].count(IGNORE_INDEX)  # item.trained_tokens, faster
         return {"examples": len(items), "tokens": tokens, "trained_tokens": trained, "sha256": digest.hexdigest()}
 
     return {"train": of(data.train), "validation": of(data.validation)}

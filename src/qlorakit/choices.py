@@ -35,14 +35,17 @@ def is_dtype_name(value, allow_auto: bool = False) -> bool:
 
 # ---------------------------------------------------------------------------------------------- data (data/)
 
-# "preference" last: pairs of answers to one prompt (data/preference.py), for preference training only.
-FORMATS = ("chat", "instruction", "prompt-completion", "text", "preference")
+# "preference": pairs of answers to one prompt (data/preference.py), for preference training only; "prompt" last:
+# prompts alone, with the fields their rewards read (data/prompts.py), for GRPO only.
+FORMATS = ("chat", "instruction", "prompt-completion", "text", "preference", "prompt")
 
 TRAIN_ON = ("assistant", "all")
 # Preference training's losses (preference.py): DPO's sigmoid, IPO, hinge (with a reference model), ORPO and SimPO
 # (without one).
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+# GRPO's losses (grpo.py): how the per-token policy-gradient terms are averaged.
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
 ON_LONG = ("truncate", "drop", "error")
 
 # ---------------------------------------------------------------------------------------------- exports (export/)

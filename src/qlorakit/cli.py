@@ -26,7 +26,7 @@ from .choices import (
     REFERENCE_FREE_LOSSES,
 )
 from .config import (
-    PARSE_SPECIAL_HELP, PreferenceConfig, TrainConfig, choices_of, parse_field_map, read_yaml, value_kinds,
+    CONFIG_CLASSES, PARSE_SPECIAL_HELP, GRPOConfig, PreferenceConfig, TrainConfig, choices_of, parse_field_map, read_yaml, value_kinds,
 )
 from .errors import ConfigError, QLoraKitError
 
@@ -36,12 +36,12 @@ BASE_HELP = ("what the adapter's delta is added to: quantized (default), the bas
 
 
 def _train(args) -> int:
-    """`qlorakit train` and `qlorakit dpo`: one run (on this process or, with --nproc-per-node, on torchrun's), or
-    without data the command's built-in demo."""
+    """`qlorakit train`, `qlorakit dpo` and `qlorakit grpo`: one run (on this process or, with --nproc-per-node, on
+    torchrun's), or without data the command's built-in demo."""
     from .launcher import launch, launched, launched_rank
 
-    preference = args.command == "dpo"
-    config_class = PreferenceConfig if preference else TrainConfig
+    config_class = next(c for c in CONFIG_CLASSES.values() if c.COMMAND == args.command)
+    preference = config_class is PreferenceConfig
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_class)}
     config = config_class.build(args.config, **flags)  # checked here, before torchrun starts processes
     if args.nproc_per_node is not None:
@@ -64,6 +64,11 @@ def _train(args) -> int:
             from .demo import run_preference_demo
 
             demo = run_preference_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
+        elif config_class is GRPOConfig:
+            from .demo import run_grpo_demo
+
+            demo = run_grpo_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
+            return 0 if demo["after"]["reward"] > demo["before"]["reward"] else 1
         else:
             from .demo import run_demo
 
@@ -71,6 +76,8 @@ def _train(args) -> int:
         return 0 if demo["after"]["accuracy"] > demo["before"]["accuracy"] else 1
     if preference:
         from .preference import train_preference as run
+    elif config_class is GRPOConfig:
+        from .grpo import train_grpo as run
     else:
         from .train import train as run
     result = run(config, overwrite=args.overwrite, progress=not args.quiet)
@@ -445,6 +452,25 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--nproc-per-node", type=int, metavar="N",
                      help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun")
     dpo.set_defaults(func=_train)
+
+    grpo = sub.add_parser(
+        "grpo", allow_abbrev=False, help="reinforcement learning with verifiable rewards on prompts (no data: the "
+        "built-in GRPO demo)",
+        description="Tune a model with GRPO: for each prompt, --group-size completions are sampled from the model "
+        "itself (quantized base + adapters, qlorakit's decoder), scored by the rewards (--reward: exact:FIELD, "
+        "regex:PATTERN, numeric:FIELD, overlong:N, truncated, or your MODULE:FUNCTION), and the adapters are trained "
+        "to make the better-than-the-group's-average completions likelier. Data: prompts, {\"prompt\": text or "
+        "messages, plus the fields the rewards read}. Settings and outputs as for `qlorakit train` (its flags, less "
+        "--train-on, --streaming and --fsdp), plus the rewards, sampling and loss. Without --data it runs the "
+        "built-in GRPO demo on the default model.")
+    grpo.add_argument("config", nargs="?", help="YAML config file")
+    add_train_flags(grpo, GRPOConfig)
+    grpo.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
+    grpo.add_argument("--quiet", action="store_true", help="no progress bar")
+    grpo.add_argument("--nproc-per-node", type=int, metavar="N",
+                      help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun")
+    grpo.set_defaults(func=_train)
 
     chat = sub.add_parser("chat", help="chat with a base model and adapter (interactive, or one --prompt)",
                           description="Chat with a base model plus adapter, in the base's chat template: greedy, "

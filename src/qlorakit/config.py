@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .choices import (
-    COMPUTE_CHOICES, DEFAULT_MODEL, FORMATS, ON_LONG, PREFERENCE_LOSSES, QUANT_KINDS, TRACKERS, TRAIN_ON,
+    COMPUTE_CHOICES, DEFAULT_MODEL, FORMATS, GRPO_LOSSES, ON_LONG, PREFERENCE_LOSSES, QUANT_KINDS, TRACKERS, TRAIN_ON,
     is_dtype_name,
 )
 from .errors import ConfigError, check_number, show
@@ -59,6 +59,11 @@ def value_kinds(f: dataclasses.Field) -> set[str]:
 @dataclass
 class TrainConfig:
     OBJECTIVE = "sft"  # what the run minimises (config.json's "objective"): next-token loss on examples
+    COMMAND = "train"  # the `qlorakit` command that runs (and resumes) such a run
+    KIND = "fine-tuning"  # the run in words
+    # Settings a subclass's run does not have: their flags are left out of its command, a config that sets them is
+    # refused, a resume does not compare them.
+    NOT_APPLICABLE = {}
     model: str = option(DEFAULT_MODEL, "HF model directory, .gguf file, Hub id (org/name or org/name@revision; a "
                         "local path of that name wins), or the default model's name", heading="model")
     quant: str = option("nf4", "base weight quantization", choices=QUANT_KINDS)
@@ -155,6 +160,11 @@ class TrainConfig:
 
         def bad(key, why):
             raise ConfigError(f"{where}: {key}={show(getattr(self, key))} {why}")
+
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        for key, why in self.NOT_APPLICABLE.items():
+            if getattr(self, key) != defaults[key]:
+                bad(key, f"does not apply to {self.KIND}: {why}; leave it out")
 
         for f in fields(self):
             value = getattr(self, f.name)
@@ -283,6 +293,8 @@ class PreferenceConfig(TrainConfig):
     refused), plus the loss and its strengths. Its data are pairs: prompt, chosen, rejected."""
 
     OBJECTIVE = "preference"
+    COMMAND = "dpo"
+    KIND = "preference training"
     NOT_APPLICABLE = {
         "train_on": "preference training scores the chosen and rejected completions, never the prompt",
         "streaming": "preference training reads the data whole: each pair's reference log-probabilities are "
@@ -311,11 +323,6 @@ class PreferenceConfig(TrainConfig):
 
     def validate(self, where: str = "config") -> None:
         super().validate(where)
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-        for key, why in self.NOT_APPLICABLE.items():
-            if getattr(self, key) != defaults[key]:
-                raise ConfigError(f"{where}: {key}={show(getattr(self, key))} does not apply to preference training: "
-                                  f"{why}; leave it out")
         if self.format not in ("auto", "preference"):
             raise ConfigError(f"{where}: format={show(self.format)}: preference training reads pairs (prompt, chosen, "
                               "rejected); use format auto or preference")
@@ -331,14 +338,100 @@ class PreferenceConfig(TrainConfig):
                               f"{show(self.loss)} has none; use --loss simpo, or leave simpo_gamma out")
 
 
+@dataclass
+class GRPOConfig(TrainConfig):
+    """A GRPO run (`qlorakit grpo`, grpo.train_grpo): reinforcement learning with verifiable rewards on prompts.
+    TrainConfig's settings less those that do not apply (NOT_APPLICABLE), plus the rewards, the sampling of each
+    prompt's group of completions and the loss. Its data are prompts: {"prompt": ..., any fields the rewards read}."""
+
+    OBJECTIVE = "grpo"
+    COMMAND = "grpo"
+    KIND = "GRPO"
+    NOT_APPLICABLE = {
+        "train_on": "GRPO trains on the completions it generates, never the prompt",
+        "streaming": "GRPO reads the prompts whole",
+        "fsdp": "generation reads each layer's whole weights, which FSDP shards across the processes; train on "
+                "several processes without --fsdp (each holds the quantized base)",
+    }
+
+    format: str = option("auto", "data format: prompts ({\"prompt\": text or messages, plus the fields the rewards "
+                         "read})", choices=("auto", "prompt"), default_note="prompt")
+    max_length: int = option(1024, "tokens per sequence: a prompt and its completion (prompts longer than "
+                             "max_length - max_new_tokens are dropped or refused, --on-long)")
+    on_long: str = option("drop", "prompts too long for --max-length with --max-new-tokens: drop (counted) or stop "
+                          "with an error", choices=("drop", "error"))
+    validation: float = option(0.0, "fraction of prompts held out: the run reports their mean reward (greedy "
+                               "answers)")
+    batch_size: int = option(4, "prompts per micro-batch (each with --group-size completions)",
+                             heading="optimisation")
+    lr: float = option(1e-5, "peak learning rate")
+    output: str = option("qlorakit-grpo", "run directory: adapter, config, metrics, checkpoints", heading="run")
+    reward: list | None = option(None, "a reward: exact:FIELD, regex:PATTERN, numeric:FIELD, overlong:N, truncated, "
+                                 "or MODULE:FUNCTION / FILE.py:FUNCTION (called with prompts, completions, rows; "
+                                 "returns a number per completion); repeat for several", heading="GRPO",
+                                 repeatable=True)
+    reward_weights: str | list | None = option(None, "the rewards' weights, comma-separated in --reward order",
+                                               default_note="1 each")
+    group_size: int = option(8, "completions sampled per prompt; advantages are rewards normalised within a group")
+    max_new_tokens: int = option(256, "longest completion in tokens")
+    temperature: float = option(1.0, "sampling temperature (the log-probabilities trained on use it too)")
+    top_p: float = option(1.0, "nucleus sampling: 1.0 turns it off")
+    top_k: int = option(0, "sample among the k most likely tokens: 0 turns it off")
+    loss: str = option("grpo", "grpo: each completion's token mean, averaged; dapo: the mean over all completion "
+                       "tokens; dr_grpo: the sum over tokens / (completions x max_new_tokens), advantages not divided "
+                       "by the group's std", choices=GRPO_LOSSES)
+    beta: float = option(0.0, "KL penalty towards the model with adapters disabled (0: none, and no reference "
+                         "forward)")
+    epsilon: float = option(0.2, "clipping of the policy ratio: [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = option(None, "the upper clip (DAPO: 0.28)", default_note="epsilon")
+
+    def validate(self, where: str = "config") -> None:
+        if isinstance(self.reward, str):  # a YAML `reward: exact:answer`
+            self.reward = [self.reward]
+        super().validate(where)
+        if self.format not in ("auto", "prompt"):
+            raise ConfigError(f"{where}: format={show(self.format)}: GRPO reads prompts ({{\"prompt\": ...}}); use "
+                              "format auto or prompt")
+        if self.on_long not in ("drop", "error"):
+            raise ConfigError(f"{where}: on_long={show(self.on_long)}: a prompt is never truncated (that would cut "
+                              "its instruction); use drop or error")
+        if self.reward is not None and (not self.reward or not all(isinstance(s, str) for s in self.reward)):
+            raise ConfigError(f"{where}: reward={show(self.reward)}: give one or more reward specs, e.g. "
+                              "--reward exact:answer")
+        if self.loss not in GRPO_LOSSES:
+            raise ConfigError(f"{where}: loss={show(self.loss)} is not a GRPO loss; use one of {', '.join(GRPO_LOSSES)}")
+        if self.group_size < 2:
+            raise ConfigError(f"{where}: group_size={show(self.group_size)}: advantages compare the completions of a "
+                              "prompt, so a group needs at least 2 (typical: 4 to 16)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{where}: max_new_tokens={show(self.max_new_tokens)}: generate at least 1 token")
+        if self.max_new_tokens >= self.max_length:
+            raise ConfigError(f"{where}: max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
+                              f"max_length={self.max_length}; raise --max-length or lower --max-new-tokens")
+        check_number("temperature", self.temperature, 0.0, None, low_ok=False, where=where,
+                     hint="typical: 0.7 to 1.0; GRPO samples, so it must be above 0")
+        check_number("top_p", self.top_p, 0.0, 1.0, low_ok=False, where=where, hint="1.0 turns it off")
+        if self.top_k < 0:
+            raise ConfigError(f"{where}: top_k={show(self.top_k)}: use 0 (off) or a positive number of tokens")
+        check_number("beta", self.beta, 0.0, None, low_ok=True, where=where, hint="typical: 0 to 0.04")
+        check_number("epsilon", self.epsilon, 0.0, 1.0, low_ok=False, high_ok=False, where=where,
+                     hint="typical: 0.2")
+        if self.epsilon_high is not None:
+            check_number("epsilon_high", self.epsilon_high, 0.0, None, low_ok=False, where=where,
+                         hint="typical: 0.2 to 0.28")
+
+
+CONFIG_CLASSES = {c.OBJECTIVE: c for c in (TrainConfig, PreferenceConfig, GRPOConfig)}
+
+
 def config_class(objective: str | None) -> type[TrainConfig]:
-    """The config class of a run whose config.json says `objective` (None: a run saved before there were two)."""
-    return PreferenceConfig if objective == PreferenceConfig.OBJECTIVE else TrainConfig
+    """The config class of a run whose config.json says `objective` (None: a run saved before there were several)."""
+    return CONFIG_CLASSES.get(objective, TrainConfig)
 
 
 def command_of(objective: str | None) -> str:
     """The `qlorakit` command that runs (and resumes) a run of `objective`."""
-    return "dpo" if objective == PreferenceConfig.OBJECTIVE else "train"
+    return config_class(objective).COMMAND
 
 
 def parse_field_map(given) -> dict[str, str]:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -41,14 +44,21 @@ def batch_loss(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor,
     return chunked_causal_lm_loss(states, head, labels)
 
 
-def token_logps(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(model, inputs: dict, labels: torch.Tensor,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 [k] log-probabilities of a batch's k trained next tokens, bool [rows * (length - 1)] which positions
     of labels[:, 1:].reshape(-1) they are): what preference losses sum per sequence, e.g.
     `torch.zeros(count).index_add(0, sequences[:, 1:].reshape(-1)[trained], logps)`. Labels are unshifted, as for
     `batch_loss` (position t is predicted from positions up to t - 1), IGNORE_INDEX for untrained positions; the
     same two paths: the chunked kernel from the hidden states where the head is plain, log_softmax of the full
-    logits in fp32 otherwise."""
+    logits in fp32 otherwise. `temperature` divides the fp32 logits first (GRPO scores completions under the
+    distribution it sampled them from); 1.0 leaves them as they are."""
     from .kernels import chunked_token_logps
+
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r}: pass a positive finite number (1.0 leaves the logits as "
+                         "they are)")
+    temperature = float(temperature)
 
     states, head = _last_states(model, inputs)
     states = states[:, :-1].reshape(-1, states.shape[-1])
@@ -57,9 +67,12 @@ def token_logps(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor
     if not bool(trained.all()):  # untrained positions cost nothing
         states, targets = states[trained], targets[trained]
     if head is None:
-        logps = F.log_softmax(states.to(LOSS_DTYPE), dim=-1)
+        logits = states.to(LOSS_DTYPE)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logps = F.log_softmax(logits, dim=-1)
         return logps.gather(1, targets.unsqueeze(1)).squeeze(1), trained
-    return chunked_token_logps(states, head, targets), trained
+    return chunked_token_logps(states, head, targets, temperature), trained
 
 
 def _last_states(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -64,7 +64,7 @@ def peak_memory(device) -> dict:
 def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | None:
     """Training loss per step (and evaluation loss where logged) as a PNG; None when there is nothing to plot. A
     preference run's records (reward_accuracy) add a second panel: reward accuracy and margin, training and held out.
-    """
+    A GRPO run's (generation_s) show its rewards first (_plot_rewards)."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:
@@ -74,6 +74,8 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if any("generation_s" in r for r in records):
+        return _plot_rewards(records, path, title)
     preference = any("reward_accuracy" in r for r in records)
     fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100,
                              squeeze=False)
@@ -112,6 +114,47 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
     return Path(path)
 
 
+def _plot_rewards(records: list[dict], path: Path, title: str) -> Path:
+    """A GRPO run's curves: the mean reward per step (its std as a band) and held out; the loss and the completions'
+    mean length beside it."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), dpi=100, squeeze=False)
+    left, right = axes[0]
+    steps = [r for r in records if "reward" in r]
+    if steps:
+        x = [r["step"] for r in steps]
+        mean = [r["reward"] for r in steps]
+        std = [r.get("reward_std", 0.0) for r in steps]
+        left.plot(x, mean, label="reward (rollouts)", linewidth=1.2)
+        left.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+    held = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
+    if held:
+        left.plot(*zip(*held), "o-", label="held-out reward (greedy)")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("mean reward")
+    left.set_title(title)
+    left.grid(alpha=0.3)
+    left.legend()
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    right.plot(*zip(*losses), label="loss", linewidth=1.2)
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("GRPO loss")
+    length = right.twinx()
+    points = [(r["step"], r["completion_length"]) for r in records if "completion_length" in r]
+    if points:
+        length.plot(*zip(*points), ":", color="gray", label="completion length", linewidth=1.0)
+    length.set_ylabel("mean completion length (tokens)")
+    right.grid(alpha=0.3)
+    handles, extra = right.get_legend_handles_labels(), length.get_legend_handles_labels()
+    right.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def _slope(points: list[tuple[int, float]]) -> float:
     """The least-squares slope of loss over step."""
     n = len(points)
@@ -127,6 +170,8 @@ def still_falling(records: list[dict], threshold: float = 0.1) -> str | None:
     run's (the curve has not flattened) and another stretch as long would lower the loss by more than `threshold`
     of its value — too few steps or too low a learning rate (a short run at the default lr can teach a narrow task
     nothing and say nothing). A curve that fell fast and flattened out, even at a tiny loss, gives None."""
+    if any("generation_s" in r for r in records):  # GRPO: its loss hovers near 0 whatever it learns
+        return None
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("skipped") is not True]
     if len(losses) < 8:
         return None

@@ -235,7 +235,17 @@ class PreferenceObjective:
         if self.needs_reference:
             read_reference(out, None)
 
-    def prepare(self, model, data, pad_id: int, cfg, processes, out: Path, resume: bool, fingerprint: dict, log):
+    def check_examples(self, examples) -> None:
+        pass  # the format check (check_format) is all
+
+    def data_options(self) -> dict:
+        return {}  # load_data's defaults
+
+    def collect(self, model, batches: list, step: int) -> tuple[list, dict]:
+        return batches, {}  # the data's micro-batches of pairs are what the step trains on
+
+    def prepare(self, model, tokenizer, data, pad_id: int, cfg, processes, out: Path, resume: bool,
+                fingerprint: dict, log):
         """Set every pair's reference log-probabilities (training and validation): read from the run directory on a
         --resume, else computed now, with the adapters as the run starts. Returns what start_writing must write
         (the tensors), or None."""

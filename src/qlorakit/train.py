@@ -87,8 +87,17 @@ class LanguageModeling:
     def summary(self, stats: dict, counts: list[float]) -> dict:
         return {}
 
+    def check_examples(self, examples) -> None:
+        pass  # the format check (check_format) is all
+
+    def data_options(self) -> dict:
+        return {}  # load_data's defaults
+
     def prepare(self, *args, **kwargs):
         return None  # nothing to compute before training
+
+    def collect(self, model, batches: list, step: int) -> tuple[list, dict]:
+        return batches, {}  # the data's micro-batches are what the step trains on
 
     def check_resumable(self, out: Path) -> None:
         pass  # nothing of its own in the run directory
@@ -248,9 +257,20 @@ def _check_number(key: str, value, name: str | None = None, allow_none: bool = F
 
 
 def check_format(examples, objective: str) -> None:
-    """SFT trains on examples, preference tuning on pairs (`objective`: the config's OBJECTIVE): data of the other
-    kind is refused before the model loads, naming the command that reads it."""
+    """SFT trains on examples, preference tuning on pairs, GRPO on prompts (`objective`: the config's OBJECTIVE):
+    data of another kind is refused before the model loads, naming the command that reads it."""
     label = examples.label
+    if objective == "grpo":
+        if examples.format != "prompt":
+            raise DataError(f"{label}: the data reads as {examples.format} data, and GRPO needs prompts: each row a "
+                            "prompt (text, or a list of messages ending in a user turn) and the fields its rewards "
+                            "read; map another column with --field prompt=COLUMN")
+        return
+    if examples.format == "prompt":
+        raise DataError(f"{label}: the rows hold prompts without answers; train on them with `qlorakit grpo` "
+                        "(qlorakit.train_grpo) and a reward, or give "
+                        + ("preference pairs (prompt, chosen, rejected)" if objective == "preference" else
+                           "SFT data (messages, prompt + completion, instruction + output, or text)"))
     if objective == "preference" and examples.format != "preference":
         raise DataError(f"{label}: the data reads as {examples.format} data, and preference training needs pairs: "
                         "each row a prompt, a chosen and a rejected answer (fields prompt, chosen, rejected; or "
@@ -345,8 +365,8 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
         raise ConfigError(f"config={show(config)}: pass a {config_class.__name__}, the path of a YAML config file, or "
                           "None (the defaults), with settings as keywords")
     if isinstance(config, TrainConfig) and type(config) is not config_class:
-        other = "train_preference (qlorakit dpo)" if config_class is TrainConfig else "train (qlorakit train)"
-        raise ConfigError(f"a {type(config).__name__} is the settings of {other}; pass a {config_class.__name__}")
+        raise ConfigError(f"a {type(config).__name__} is the settings of `qlorakit {type(config).COMMAND}`; pass a "
+                          f"{config_class.__name__}")
     if not isinstance(config, TrainConfig):
         config = config_class.build(config, **overrides)
     elif overrides:
@@ -403,6 +423,7 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
                          config=cfg.data_config, split=cfg.split, validation_split=cfg.validation_split,
                          fields=cfg.field_map(), streaming=cfg.streaming)
     check_format(examples, cfg.OBJECTIVE)
+    objective.check_examples(examples)  # (GRPO: every row holds the fields its rewards read)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -424,7 +445,7 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
 
     # 2. The data: examples -> token ids and labels (streamed: as the loop needs them).
     data = load_data(examples, tokenizer, max_length=cfg.max_length, train_on=cfg.train_on, on_long=cfg.on_long,
-                     parse_special_tokens=cfg.parse_special_tokens)
+                     parse_special_tokens=cfg.parse_special_tokens, **objective.data_options())
     log(f"data: {cfg.data} ({data.format}): {data.describe()}"
         + (f"; {len(data.validation)} held out for evaluation" if data.validation else ""))
     for skipped in data.report.skipped_rows[:5]:
@@ -478,7 +499,7 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
         )
     # What the objective computes once before training (preference: each pair's reference log-probabilities, with
     # the adapters as they start; read back on a --resume), to be written with the run's first files.
-    prepared = objective.prepare(model, data, pad_id, cfg, processes, out, cfg.resume, fingerprint, log)
+    prepared = objective.prepare(model, tokenizer, data, pad_id, cfg, processes, out, cfg.resume, fingerprint, log)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     step_fn = TrainStep(model, optimizer=optimizer, max_grad_norm=cfg.max_grad_norm, processes=processes,
@@ -550,12 +571,17 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
         for step in range(start_step + 1, total_steps + 1):
             batches = stream.take(cfg.grad_accum)
             tick = time.perf_counter()
+            # (GRPO: the step's prompts -> rollouts, generated and scored; the others train on the data's batches)
+            batches, collected = objective.collect(model, batches, step)
+            trained_from = time.perf_counter()
             try:
                 result = step_fn.run(batches)
             except TrainingError as e:
                 raise TrainingError(f"step {step}: {e}; {last_good()}") from None
             scheduler.step()
             seconds = time.perf_counter() - tick
+            if collected:
+                collected["training_s"] = time.perf_counter() - trained_from
             real_tokens = sum(b.real_tokens for b in batches)
             memory = peak_memory(step_fn.device)
             if processes.distributed:  # one sum: every rank's tokens, and each rank's peak memory in its slot
@@ -568,7 +594,7 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
                       "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                       "trained_tokens": result.tokens, "tokens": real_tokens,
                       "tokens_per_s": real_tokens / seconds, "skipped": result.skipped,
-                      "elapsed_s": time.perf_counter() - started} | result.stats
+                      "elapsed_s": time.perf_counter() - started} | result.stats | collected
             if step_fn.scaler is not None:  # fp16: the loss scale the next step starts with
                 record["scale"] = step_fn.scaler.get_scale()
             record |= memory

@@ -12,7 +12,9 @@ them (data/batches.py's StreamedBatches), with the semantics written out in docs
 
 Preference data (format "preference": prompt, chosen, rejected) is read the same way, and `load_data` makes it a
 PreferenceData of TokenizedPairs (data/preference.py), whose batches put each pair's two sequences through one
-forward. It is always read whole.
+forward. It is always read whole. So is GRPO's prompt data (format "prompt": a prompt alone, with any other fields
+for the rewards): `load_data` makes it a PromptData of TokenizedPrompts (data/prompts.py), tokenized as generation
+tokenizes prompts.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from ..errors import ConfigError, DataError
 from .batches import Batch, MicroBatchStream, StreamedBatches, collate, epoch_order, micro_batches, split_validation
 from .files import Row, check_data_file, read_rows
 from .formats import (
-    FORMATS, Example, PreferenceExample, check_columns, check_field_map, check_fields_used, detect_format, map_fields,
-    to_example,
+    FORMATS, Example, PreferenceExample, PromptExample, check_columns, check_field_map, check_fields_used,
+    detect_format, map_fields, to_example,
 )
 from .hub import OpenedDataset, RowStream, is_dataset, open_dataset
 from .preference import PreferenceData, TokenizedPair, collate_pairs, load_pairs, pair_tokenizer
+from .prompts import PromptData, TokenizedPrompt, collate_prompts, load_prompts
 from .tokenize import (
     DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, Tokenized, TokenizeReport, check_trainable, encode_chat, encode_text,
     example_tokenizer, pad_id_of, render_chat, special_token_pattern, tokenize_examples,
@@ -38,9 +41,10 @@ from .tokenize import (
 
 __all__ = [
     "Batch", "DEFAULT_CHAT_TEMPLATE", "Example", "ExampleData", "ExampleStream", "FORMATS", "IGNORE_INDEX",
-    "PreferenceData", "PreferenceExample", "Row", "TokenStream", "Tokenized", "TokenizeReport", "TokenizedPair",
-    "TrainingData", "check_data_file", "check_trainable", "collate", "collate_pairs", "detect_format", "encode_chat",
-    "encode_text", "epoch_order", "load_data", "micro_batches", "pad_id_of", "pair_tokenizer", "read_data",
+    "PreferenceData", "PreferenceExample", "PromptData", "PromptExample", "Row", "TokenStream", "Tokenized",
+    "TokenizeReport", "TokenizedPair", "TokenizedPrompt", "TrainingData", "check_data_file", "check_trainable",
+    "collate", "collate_pairs", "collate_prompts", "detect_format", "encode_chat", "encode_text", "epoch_order",
+    "load_data", "load_prompts", "micro_batches", "pad_id_of", "pair_tokenizer", "read_data",
     "read_examples", "read_rows", "render_chat", "special_token_pattern", "split_validation", "to_example",
     "tokenize_examples",
 ]
@@ -128,10 +132,10 @@ class TokenStream:
 class ExampleData:
     """What `read_data` read, before tokenization: the training examples (a list, or an ExampleStream), the
     validation examples, the format, and the rows skipped so far. Preference data's examples are
-    PreferenceExamples."""
+    PreferenceExamples, prompt data's PromptExamples."""
 
-    train: list[Example] | list[PreferenceExample] | ExampleStream
-    validation: list[Example] | list[PreferenceExample]
+    train: list[Example] | list[PreferenceExample] | list[PromptExample] | ExampleStream
+    validation: list[Example] | list[PreferenceExample] | list[PromptExample]
     format: str
     report: TokenizeReport
     label: str  # what messages call the training data: "train.jsonl", "org/name (train)"
@@ -216,9 +220,18 @@ def _open(source, name: str, option: str, config: str | None, split: str, stream
     return rows, name, None
 
 
-def _no_streamed_pairs(label: str) -> ConfigError:
-    return ConfigError(f"preference training reads the data whole: each pair's reference log-probabilities are "
-                       f"computed once, before the first step, and {label} holds preference pairs; drop --streaming")
+# The formats read whole, never streamed (the data's kind, and why), for _no_streaming.
+_READ_WHOLE = {
+    "preference": ("preference pairs", "preference training reads the data whole: each pair's reference "
+                   "log-probabilities are computed once, before the first step"),
+    "prompt": ("prompts", "GRPO reads its prompts whole (they are few and short: a run's time goes to generating "
+               "their answers)"),
+}
+
+
+def _no_streaming(label: str, fmt: str) -> ConfigError:
+    kind, why = _READ_WHOLE[fmt]
+    return ConfigError(f"{why}, and {label} holds {kind}; drop --streaming")
 
 
 def _examples(rows: list[Row], label: str, format: str, fields: dict[str, str], skip_bad_rows: bool,
@@ -272,8 +285,8 @@ def read_data(
     if validation_split is not None and (validation or validation_source is not None):
         raise ConfigError("validation_split names the validation data, and so does "
                           f"{'validation' if validation else 'validation_data'}; use one of them")
-    if streaming and format == "preference":  # before a dataset is opened
-        raise _no_streamed_pairs(str(source))
+    if streaming and format in _READ_WHOLE:  # before a dataset is opened
+        raise _no_streaming(str(source), format)
     if streaming and validation:
         raise ConfigError(
             f"validation={validation:g} holds out a random fraction of the examples, which needs all of them read "
@@ -290,8 +303,8 @@ def read_data(
         fmt = detect_format(map_fields(first, fields)) if format == "auto" else format
         if fmt not in FORMATS:
             raise DataError(f"format={format!r} is not a data format; use auto or one of {', '.join(FORMATS)}")
-        if fmt == "preference":
-            raise _no_streamed_pairs(label)
+        if fmt in _READ_WHOLE:
+            raise _no_streaming(label, fmt)
         check_fields_used(label, fields, fmt)
         if not skip_bad_rows:  # the first rows' problems, before the model loads
             for row in head:
@@ -320,8 +333,8 @@ def load_data(
     on_long: str = "truncate", skip_bad_rows: bool = False, validation: float = 0.0, validation_source=None,
     seed: int = 0, name: str = "data", parse_special_tokens: bool = False, *, config: str | None = None,
     split: str = "train", validation_split: str | None = None, fields: dict[str, str] | None = None,
-    streaming: bool = False,
-) -> TrainingData | PreferenceData:
+    streaming: bool = False, max_new_tokens: int = 0,
+) -> TrainingData | PreferenceData | PromptData:
     """Read, convert, split and tokenize a data source: a file path, a dataset directory (saved by save_to_disk, or
     data files in a Hub dataset repository's layout), a Hub dataset id ("org/name" or "org/name@revision"), a list
     of dicts — or the ExampleData `read_data` read from one (then only the tokenizing arguments apply).
@@ -332,13 +345,20 @@ def load_data(
     `streaming` (a dataset directory or Hub id) reads the training split as it is needed: `train` is then a
     TokenStream. Bad rows raise a DataError naming where they are, or with `skip_bad_rows` are skipped and
     counted. Special-token strings in message content are text unless `parse_special_tokens` (data/tokenize.py).
-    Preference data (format "preference") gives a PreferenceData of TokenizedPairs (data/preference.py).
+    Preference data (format "preference") gives a PreferenceData of TokenizedPairs (data/preference.py); prompt
+    data (format "prompt") a PromptData of TokenizedPrompts (data/prompts.py), each prompt within max_length -
+    `max_new_tokens` (the room its generated answers take; used only for prompts, where it is required).
     """
     read = source if isinstance(source, ExampleData) else read_data(
         source, format, skip_bad_rows, validation, validation_source, seed, name, config=config, split=split,
         validation_split=validation_split, fields=fields, streaming=streaming)
     if read.format == "preference":
         return load_pairs(read, tokenizer, max_length, train_on, on_long, parse_special_tokens)
+    if read.format == "prompt":
+        if train_on != "assistant":
+            raise ConfigError(f"train_on={train_on!r} does not apply to prompt data: GRPO trains on the answers it "
+                              "generates, never on the prompt; leave it out (assistant)")
+        return load_prompts(read, tokenizer, max_length, max_new_tokens, on_long, parse_special_tokens)
     report = read.report
 
     def tokenizer_for(counted: TokenizeReport):

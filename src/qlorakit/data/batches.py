@@ -18,6 +18,7 @@ collates its contiguous share; the order, the positions and the epochs are those
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -55,9 +56,9 @@ class Batch:
         return self.input_ids.numel() if self.attention_mask is None else int(self.attention_mask.sum())
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
-                     self.placeholder, move(self.sequences), self.pairs, move(self.reference))
+        """The batch (of its own class: objectives extend it) with every tensor on `device`."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def model_inputs(self) -> dict:
         # use_cache=False: with a cache transformers does not look for packed sequences in the position ids.

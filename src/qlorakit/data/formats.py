@@ -7,11 +7,14 @@
     text               {"text": ...}
     preference         {"prompt": ..., "chosen": ..., "rejected": ...}   (strings, or a chat: the prompt's turns and
                        each answer's; or no prompt and two whole conversations that share their first turns)
+    prompt             {"prompt": ..., any other fields}   (a string, or a list of messages ending in a user or system
+                       turn: GRPO's prompts, whose answers the model generates; the other fields are for the rewards)
 
 An example is either a conversation (rendered with the tokenizer's chat template) or a prompt/completion pair of
 plain strings (a `text` row is a completion with an empty prompt). The trained part is the assistant turns, or
 the completion. A preference row becomes a PreferenceExample: two such examples, the chosen answer's and the
-rejected one's, with the same prompt (data/preference.py tokenizes and batches them).
+rejected one's, with the same prompt (data/preference.py tokenizes and batches them). A prompt row becomes a
+PromptExample: the prompt, and the row's other fields (data/prompts.py tokenizes and batches them).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt
           "rejected")
 FORMAT_FIELDS = {"chat": ("messages", "conversations"), "instruction": ("instruction", "input", "output"),
                  "prompt-completion": ("prompt", "completion"), "text": ("text",),
-                 "preference": ("prompt", "chosen", "rejected")}
+                 "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
 _SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
@@ -55,6 +58,20 @@ class PreferenceExample:
     rejected: Example
 
 
+@dataclass
+class PromptExample:
+    """A GRPO prompt: plain text, or a conversation that ends where the assistant's answer starts; `row` holds the
+    row's other fields (after --field mapping), which the rewards read (an answer column)."""
+
+    where: str
+    prompt: str | list[dict]
+    row: dict
+
+
+# A prompt row holds a prompt and none of these: with any of them it is another format's row (or half of one).
+_NOT_PROMPT_ONLY = {"completion", "chosen", "rejected", "messages", "conversations", "instruction", "text"}
+
+
 def detect_format(row: Row) -> str:
     keys = set(row.fields)
     if "chosen" in keys and "rejected" in keys:  # first: a preference row may also hold a chat or a completion
@@ -67,11 +84,14 @@ def detect_format(row: Row) -> str:
         return "prompt-completion"
     if "text" in keys:
         return "text"
+    if "prompt" in keys and not keys & _NOT_PROMPT_ONLY:
+        return "prompt"
     raise DataError(
         f"{row.where}: cannot tell the data format from the fields {sorted(keys)}; expected 'messages' (or "
         "'conversations') for chat, 'instruction' + 'output', 'prompt' + 'completion', 'text', or 'chosen' + "
-        "'rejected' (+ 'prompt') for preference pairs — or name the format with --format, or read those fields "
-        "from other columns with --field TARGET=COLUMN (e.g. --field prompt=question --field completion=answer)"
+        "'rejected' (+ 'prompt') for preference pairs, or 'prompt' alone for GRPO prompts — or name the format "
+        "with --format, or read those fields from other columns with --field TARGET=COLUMN (e.g. --field "
+        "prompt=question --field completion=answer)"
     )
 
 
@@ -112,7 +132,7 @@ def map_fields(row: Row, mapping: dict[str, str]) -> Row:
     return Row(fields | {target: row.fields[column] for target, column in mapping.items()}, row.where)
 
 
-def to_example(row: Row, fmt: str) -> Example | PreferenceExample:
+def to_example(row: Row, fmt: str) -> Example | PreferenceExample | PromptExample:
     if fmt not in FORMATS:
         raise DataError(f"format={fmt!r} is not a data format; use one of {', '.join(FORMATS)} or auto")
     return _CONVERTERS[fmt](row)
@@ -347,5 +367,34 @@ def _implicit_prompt(row: Row) -> PreferenceExample:
         for name, turns in zip(_PAIR, (chosen, rejected))))
 
 
+def _prompt(row: Row) -> PromptExample:
+    """A GRPO prompt: a string (plain text, as generation prompts it), or a list of messages (a CSV cell may hold it
+    as JSON) that ends in a user or system turn, where the generated answer follows. The other fields stay with it."""
+    if "prompt" not in row.fields:
+        raise DataError(f"{row.where}: missing field 'prompt' (fields present: "
+                        f"{', '.join(sorted(row.fields)) or 'none'}); GRPO data needs a prompt in each row: read it "
+                        "from another column with --field prompt=COLUMN")
+    value = row.fields["prompt"]
+    if value is not None and not isinstance(value, (str, list)):
+        raise DataError(f"{row.where}: field 'prompt' must be a string or a list of messages, not "
+                        f"{type(value).__name__}; fix the row, or leave it out (--skip-bad-rows skips such rows)")
+    value = _conversation_text(value)
+    if isinstance(value, list):
+        turns = _turns(Row(row.fields | {"prompt": value}, row.where), "prompt")
+        if turns[-1]["role"] == "assistant":
+            raise DataError(
+                f"{row.where}: the prompt's messages end with an assistant turn, and GRPO generates the assistant's "
+                "answer to the prompt itself; drop the final assistant turn (an earlier one may stay, as an example "
+                "answer), so that the prompt ends with a user or system turn"
+            )
+        prompt = turns
+    else:
+        prompt = _field(row, "prompt")  # (a null named; the text checked as Unicode)
+        if not prompt.strip():
+            raise DataError(f"{row.where}: field 'prompt' is empty; GRPO generates answers to the prompt: fill it "
+                            "in, or leave the row out (--skip-bad-rows skips such rows)")
+    return PromptExample(row.where, prompt, {k: v for k, v in row.fields.items() if k != "prompt"})
+
+
 _CONVERTERS = {"chat": _chat, "instruction": _instruction, "prompt-completion": _prompt_completion, "text": _text,
-               "preference": _preference}
+               "preference": _preference, "prompt": _prompt}

@@ -11,11 +11,13 @@ states); the backward only scales it. Values and gradients are those of `F.cross
 
 Preference losses need each token's log-probability rather than their sum (`chunked_token_logps`): the same pass, the
 per-row values kept, and the backward scales each row of the kept gradient by its own incoming gradient. Its values
-and gradients are those of `log_softmax(...).gather(...)` on the full logits.
+and gradients are those of `log_softmax(...).gather(...)` on the full logits, optionally divided by a sampling
+temperature first (GRPO scores completions under the distribution they were sampled from, as TRL does).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,11 +32,13 @@ def _chunk_tokens(vocab: int) -> int:
 
 
 def _lm_head_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                  each_chunk: Callable[[int, torch.Tensor], None], grad_hidden: torch.Tensor | None) -> None:
+                  each_chunk: Callable[[int, torch.Tensor], None], grad_hidden: torch.Tensor | None,
+                  temperature: float = 1.0) -> None:
     """The chunk loop both autograd functions run: per chunk of rows, logits = hidden·weightᵀ in the compute dtype
-    and their softmax in fp32. `each_chunk(start, nll)` receives the chunk's -log p(target) per row (fp32);
-    `grad_hidden`, when given, is filled with each row's gradient of its -log p, (softmax - one_hot(target))·weight,
-    rounded once to the compute dtype."""
+    and the softmax of logits / temperature in fp32. `each_chunk(start, nll)` receives the chunk's -log p(target)
+    per row (fp32); `grad_hidden`, when given, is filled with each row's gradient of its -log p times temperature,
+    (softmax - one_hot(target))·weight, rounded once to the compute dtype: the caller applies the 1 / temperature
+    with the backward's scale, on [rows x hidden] values rather than [rows x vocab]."""
     # One pair of [chunk x vocab] buffers serves every chunk (fresh ones would be faulted in page by page each
     # time): the logits, then the gradient, in the compute dtype; the logits, then their exponentials, in fp32
     # (in fp32 compute the two are one buffer and the copies between them no-ops).
@@ -49,6 +53,8 @@ def _lm_head_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             n = target.shape[0]
             logits = torch.mm(hidden[start : start + chunk], weight.t(), out=logits_buffer[:n])
             exps = fp32_buffer[:n].copy_(logits)
+            if temperature != 1.0:  # the fp32 logits, as log_softmax(logits.float() / T) divides them
+                exps.div_(temperature)
             rows = torch.arange(n, device=target.device)
             picked = exps[rows, target]
             # log-sum-exp and softmax from one exp pass
@@ -93,10 +99,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """log p(target) of each row of hidden·weightᵀ (all targets valid)."""
+    """log p(target) of each row of hidden·weightᵀ / temperature (all targets valid)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, temperature):
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         # As in _ChunkedCrossEntropy, each row's gradient is known in the forward up to the scalar its row of the
         # backward's incoming gradient brings; kept as the gradient of -log p (the same pass), negated there.
@@ -105,19 +111,34 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         def put(start, nll):
             torch.neg(nll, out=logps[start : start + nll.shape[0]])
 
-        _lm_head_pass(hidden, weight, targets, chunk, put, grad_hidden)
+        _lm_head_pass(hidden, weight, targets, chunk, put, grad_hidden, temperature)
         ctx.save_for_backward(grad_hidden)
+        ctx.temperature = temperature
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
         (grad_hidden,) = ctx.saved_tensors
-        return _scaled(grad_hidden, grad_logps.neg().unsqueeze(1)), None, None, None
+        scale = grad_logps.neg().unsqueeze(1)
+        if ctx.temperature != 1.0:  # d(z / T)/dz, folded into the per-row scale
+            scale = scale / ctx.temperature
+        return _scaled(grad_hidden, scale), None, None, None, None
 
 
 def _check_chunk(chunk: int | None) -> None:
     if chunk is not None and chunk < 1:  # a step of 0 or less would leave every row uncomputed
         raise ValueError(f"chunk={chunk!r}: pass a positive number of tokens per chunk, or None for the default")
+
+
+def _checked_temperature(temperature) -> float:
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):  # 0 divides by zero; below it the distribution turns over
+        raise ValueError(f"temperature={temperature!r}: pass a positive finite number (1.0 leaves the logits as "
+                         "they are)")
+    return value
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -135,13 +156,15 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     return total, int(targets.shape[0])
 
 
-def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        chunk: int | None = None) -> torch.Tensor:
-    """fp32 [n]: log_softmax(hidden·weightᵀ)[i, targets[i]] for hidden states [n, hidden] and the frozen output-head
-    weight [vocab, hidden], without the [n x vocab] logits. `targets` [n] are token ids, all of them valid (drop
-    IGNORE_INDEX positions first; `qlorakit.loss.token_logps` does, shifting labels as the loss does). The product
-    runs in the weight's dtype, whatever dtype the hidden states arrive in; the gradient reaches `hidden` only."""
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                        *, chunk: int | None = None) -> torch.Tensor:
+    """fp32 [n]: log_softmax(hidden·weightᵀ / temperature)[i, targets[i]] for hidden states [n, hidden] and the
+    frozen output-head weight [vocab, hidden], without the [n x vocab] logits. `targets` [n] are token ids, all of
+    them valid (drop IGNORE_INDEX positions first; `qlorakit.loss.token_logps` does, shifting labels as the loss
+    does). The product runs in the weight's dtype, whatever dtype the hidden states arrive in; the temperature
+    divides its fp32 copy (1.0, the default, costs nothing). The gradient reaches `hidden` only."""
     _check_chunk(chunk)
+    temperature = _checked_temperature(temperature)
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)}: pass hidden states "
                          "[n, hidden] and one target id per row, [n]")
@@ -152,4 +175,5 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if targets.numel() and int(targets.min()) < 0:
         raise ValueError(f"targets hold {int(targets.min())}: drop untrained positions (IGNORE_INDEX = "
                          f"{IGNORE_INDEX}) before calling, so every target is a token id")
-    return _ChunkedTokenLogps.apply(hidden.to(weight.dtype), weight, targets, chunk or _chunk_tokens(weight.shape[0]))
+    return _ChunkedTokenLogps.apply(hidden.to(weight.dtype), weight, targets, chunk or _chunk_tokens(weight.shape[0]),
+                                    temperature)
