@@ -85,18 +85,20 @@ def trl_record_reward(prompts, completions, record, **kwargs) -> list[float]:
     return record_reward(prompts, texts, [{"record": r} for r in record])
 
 
-def task_rows(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """The built-in task as prompt rows: the user turn as a one-message chat prompt, the expected record as `record`
-    (qlorakit.demo.demo_rows: no held-out sentence appears in training)."""
+def task_rows(n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
+    """The built-in task as prompt rows: the user turn as a one-message chat prompt, the expected record as `record`.
+    The held-out rows are the same whatever `n_train` (qlorakit.demo.demo_rows under seed 1), the training rows
+    (seed 0) leave out their sentences."""
     from qlorakit.demo import demo_rows
-
-    train, heldout = demo_rows(n_train=n_train, n_heldout=n_heldout, seed=seed)
 
     def row(example):
         user, answer = example["messages"]
         return {"prompt": [user], "record": answer["content"]}
 
-    return [row(e) for e in train], [row(e) for e in heldout]
+    heldout = [row(e) for e in demo_rows(n_train=0, n_heldout=n_heldout, seed=1)[1]]
+    held = {r["prompt"][0]["content"] for r in heldout}
+    train = [row(e) for e in demo_rows(n_train=n_train + n_heldout, n_heldout=0, seed=0)[0]]
+    return [r for r in train if r["prompt"][0]["content"] not in held][:n_train], heldout
 
 
 def heldout_reward(model, tokenizer, rows: list[dict], max_new_tokens: int, dtype, batch_size: int = 16) -> dict:
@@ -159,6 +161,7 @@ def _side_qlorakit(args, data: Path, heldout: list[dict]) -> dict:
     dtype = precision_of(model).compute
     before = heldout_reward(model, tokenizer, heldout, args.max_new_tokens, dtype)
     options = dict(
+        model=args.model, quant="nf4", double_quant=True, dtype=args.dtype, device=args.device,  # as loaded
         data=str(data), reward=[args.reward_spec], group_size=args.group_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, beta=args.beta, loss=args.loss, epsilon=args.epsilon,
         epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
@@ -171,10 +174,15 @@ def _side_qlorakit(args, data: Path, heldout: list[dict]) -> dict:
                               **options)
     records = getattr(run, "metrics", None) or _metrics_file(Path(options["output"]))
     records = [r for r in records if "reward" in r and "generation_s" in r]
-    steps = [{"generated": r["rollout_tokens_per_s"] * r["generation_s"], "generation_s": r["generation_s"],
-              "trained": r["tokens"], "training_s": r["training_s"],
-              "seconds": r.get("step_s", r["generation_s"] + r["training_s"]), "reward": r["reward"],
-              "completion_length": r.get("completion_length")} for r in records]
+    steps = []
+    for r in records:
+        # the whole step (rollouts, rewards, reference, training, optimizer): train.py's tokens_per_s is the step's
+        # real tokens over its seconds; a step that trained on nothing (every group's rewards equal, beta 0) has none
+        seconds = r["tokens"] / r["tokens_per_s"] if r["tokens"] else r["generation_s"] + r["training_s"]
+        steps.append({"generated": r["rollout_tokens_per_s"] * r["generation_s"], "generation_s": r["generation_s"],
+                      "trained": r["tokens"], "training_s": seconds - r["generation_s"], "seconds": seconds,
+                      "reward": r["reward"], "completion_length": r.get("completion_length"),
+                      "loss": r.get("loss"), "grad_norm": r.get("grad_norm")})
     after = heldout_reward(run.model, run.tokenizer, heldout, args.max_new_tokens, dtype)
     return _summary(args, steps, before, after, dtype)
 
@@ -246,6 +254,7 @@ def _side_hf(args, data: Path, heldout: list[dict]) -> dict:
     for step, record in zip(steps, logged, strict=True):
         step["reward"] = record["reward"]
         step["completion_length"] = record.get("completions/mean_length")
+        step["loss"], step["grad_norm"] = record.get("loss"), record.get("grad_norm")
     after = heldout_reward(trainer.model, tokenizer, heldout, args.max_new_tokens, dtype)
     return _summary(args, steps, before, after, dtype)
 
@@ -264,6 +273,8 @@ def _summary(args, steps: list[dict], before: dict, after: dict, dtype) -> dict:
         "generated_per_step": sum(s["generated"] for s in steps) / len(steps),
         "trained_per_step": sum(s["trained"] for s in steps) / len(steps),
         "rewards": [s["reward"] for s in steps], "last_reward": sum(last) / len(last),
+        "losses": [s["loss"] for s in steps], "grad_norms": [s["grad_norm"] for s in steps],
+        "completion_lengths": [s["completion_length"] for s in steps],
         "heldout_before": before, "heldout_after": after, "steps": len(steps), "dtype": dtype_name(dtype),
     }
 
@@ -329,14 +340,14 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     n_train = args.batch_size * (args.warmup + args.steps)  # one epoch: every prompt answered once
     if args.worker:
-        _, heldout = task_rows(n_train, N_HELDOUT, seed=0)
+        _, heldout = task_rows(n_train, N_HELDOUT)
         print("RESULT " + json.dumps(WORKERS[args.worker](args, Path(args.data_file), heldout)))
         return 0
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "prompts.jsonl"  # both sides read this file
-        train, _ = task_rows(n_train, N_HELDOUT, seed=0)
+        train, _ = task_rows(n_train, N_HELDOUT)
         data.write_text("".join(json.dumps(row) + "\n" for row in train))
         for worker in args.only or list(WORKERS):
             print(f"running {LABELS[worker]} ...", file=sys.stderr, flush=True)

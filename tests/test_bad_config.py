@@ -250,7 +250,7 @@ def test_resume_refuses_changed_data_and_continues_on_the_same(tiny_model_dir, t
     rows[5]["messages"][1]["content"] = "w100 w150 w201"  # one answer edited: same counts, other ids
     _rows_file(tmp_path, rows)
     with pytest.raises(TrainingError, match=r"cut: --resume with different data than .*step-000001 was trained on: "
-                       r"the 48 training examples have as many tokens as before but different token ids or labels"):
+                       r"the 48 training examples have as many tokens as before but different token ids, labels"):
         _train(tiny_model_dir, data, tmp_path / "cut", resume=True)
     _rows_file(tmp_path, rows[:47])  # one row gone
     with pytest.raises(TrainingError, match=r"the training data now gives 47 examples; the run was started on 48\. "

@@ -321,16 +321,15 @@ def test_check_rows_names_the_line_the_field_and_what_to_do():
     check_rows(rewards, [good, good | {"total": 3}], ["p.jsonl line 1", "p.jsonl line 2"])
     wheres = ["p.jsonl line 1", "p.jsonl line 2", "p.jsonl line 3"]
     with pytest.raises(DataError, match=r"^p.jsonl line 3: no field 'answer' for the reward exact:answer \(fields "
-                                        r"present: 'solution', 'total'\); add it to every row, name the column that "
-                                        r"holds it \(exact:COLUMN\), or read it from another column with --field "
-                                        r"answer=COLUMN$"):
+                                        r"present: 'solution', 'total'\); add it to every row, or name the column "
+                                        r"that holds it \(exact:COLUMN\)$"):
         check_rows(rewards, [good, good, {"solution": "a", "total": 1}], wheres)
     with pytest.raises(DataError, match=r"^p.jsonl line 2: field 'answer' is empty"):
         check_rows(rewards, [good, good | {"answer": None}, good], wheres)
     with pytest.raises(DataError, match=r"^p.jsonl line 2: field 'answer' holds a list"):
         check_rows(rewards, [good, good | {"answer": ["a"]}, good], wheres)
     with pytest.raises(DataError, match=r"^p.jsonl line 3: field 'total' holds 'about ten', in which numeric:total "
-                                        r"finds no number.*--field total=COLUMN"):
+                                        r"finds no number.*\(numeric:COLUMN\)$"):
         check_rows(rewards, [good, good, good | {"total": "about ten"}], wheres)
     with pytest.raises(DataError, match=r"^p.jsonl line 1: field 'total' holds True"):
         check_rows(rewards, [good | {"total": True}], wheres[:1])

@@ -439,8 +439,9 @@ def data_change(saved: dict, now: dict) -> str | None:
             if a[key] != b[key]:
                 return (f"the {b['examples']} {name} examples now hold {b[key]:,} {words}; the run was started "
                         f"with {a[key]:,}")
-        return (f"the {b['examples']} {name} examples have as many tokens as before but different token ids or "
-                "labels (rows edited or reordered, or another tokenizer or chat template)")
+        return (f"the {b['examples']} {name} examples have as many tokens as before but different token ids, "
+                "labels or (prompts) fields the rewards read (rows edited or reordered, or another tokenizer or chat "
+                "template)")
     return None
 
 

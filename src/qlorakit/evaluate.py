@@ -56,6 +56,35 @@ def preference_accuracy(model, pairs: list, pad_id: int, batch_size: int = 8, pa
             "logp_margin": float((sums[:, 0] - sums[:, 1]).mean())}
 
 
+@torch.no_grad()
+def mean_reward(generator, prompts: list, rewards: list, max_new_tokens: int, processes=None) -> dict:
+    """The mean reward of `generator`'s greedy answers to `prompts` (data.prompts.TokenizedPrompt), overall and per
+    reward (rewards.parse_rewards), with each prompt's answer and rewards in `samples`. On several processes each
+    answers its share and the sums are taken over all of them (the samples are this process's)."""
+    from .generation import Sampling
+    from .rewards import score
+
+    mine = [i for chunk in evaluation_batches(len(prompts), len(prompts) or 1, processes) for i in chunk]
+    items = [prompts[i] for i in mine]
+    sums, samples = [0.0] * (1 + len(rewards)), []
+    if items:
+        answers = generator.run([item.input_ids for item in items], Sampling(max_new_tokens),
+                                names=[item.where for item in items])
+        values, total = score(rewards, [item.prompt for item in items], [a.text for a in answers],
+                              [item.row for item in items], [item.where for item in items],
+                              [len(a.tokens) for a in answers], [a.finish != "length" for a in answers],
+                              max_new_tokens)
+        sums = [sum(total)] + [sum(values[r.spec]) for r in rewards]
+        samples = [{"where": item.where, "answer": answer.text, "reward": value}
+                   | {r.spec: values[r.spec][k] for r in rewards}
+                   for k, (item, answer, value) in enumerate(zip(items, answers, total))]
+    if processes is not None and processes.distributed:
+        sums = processes.sum(sums, next(p.device for p in generator.model.parameters()))
+    n = max(len(prompts), 1)
+    return {"reward": sums[0] / n, "rewards": {r.spec: s / n for r, s in zip(rewards, sums[1:])},
+            "prompts": len(prompts), "samples": samples}
+
+
 def prompt_and_reference(example: Example) -> tuple[list[dict] | str, str]:
     """What the model is asked (the turns before the last assistant turn, or the plain prompt) and the answer."""
     if example.messages is not None:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .config import GRPOConfig
-from .data.batches import Batch, collate, evaluation_batches, placeholder
+from .data.batches import Batch, collate, placeholder
 from .data.tokenize import IGNORE_INDEX, Tokenized
 from .errors import ConfigError
 from .precision import LOSS_DTYPE, precision_of
@@ -312,31 +312,15 @@ class GRPOObjective:
 
     # ---- evaluation: held-out prompts, greedy
 
-    @torch.no_grad()
     def evaluate(self, model, prompts: list, pad_id: int, batch_size: int, packed: bool, processes=None) -> dict:
         """The held-out prompts' mean reward (each answered greedily), overall and per reward."""
-        from .generation import Sampling
-        from .rewards import score
+        from .evaluate import mean_reward
 
-        mine = [i for chunk in evaluation_batches(len(prompts), len(prompts) or 1, processes) for i in chunk]
-        items = [prompts[i] for i in mine]
-        sums = [0.0] * (1 + len(self.rewards))
-        if items:
-            if self.generator is None or self.generator.model is not model:
-                raise ValueError("GRPOObjective.evaluate answers with the objective's generator: set `generator` "
-                                 "to a qlorakit.Generator of this model first (a run's prepare does)")
-            answers = self.generator.run([item.input_ids for item in items], Sampling(self.max_new_tokens),
-                                         names=[item.where for item in items])
-            values, total = score(self.rewards, [item.prompt for item in items], [a.text for a in answers],
-                                  [item.row for item in items], [item.where for item in items],
-                                  [len(a.tokens) for a in answers], [a.finish != "length" for a in answers],
-                                  self.max_new_tokens)
-            sums = [sum(total)] + [sum(values[r.spec]) for r in self.rewards]
-        if processes is not None and processes.distributed:
-            sums = processes.sum(sums, next(p.device for p in model.parameters()))
-        n = max(len(prompts), 1)
-        return {"reward": sums[0] / n, "rewards": {r.spec: s / n for r, s in zip(self.rewards, sums[1:])},
-                "prompts": len(prompts)}
+        if self.generator is None or self.generator.model is not model:
+            raise ValueError("GRPOObjective.evaluate answers with the objective's generator: set `generator` to a "
+                             "qlorakit.Generator of this model first (a run's prepare does)")
+        result = mean_reward(self.generator, prompts, self.rewards, self.max_new_tokens, processes)
+        return {key: result[key] for key in ("reward", "rewards", "prompts")}
 
     @staticmethod
     def describe_eval(result: dict) -> str:

@@ -230,9 +230,11 @@ _PREFERENCE_TAGS = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "dpo", "orpo": "orp
 
 
 def _method(config: dict) -> str:
-    """The training method a card is tagged with: sft, or the preference loss's (dpo, ipo, orpo, simpo)."""
+    """The training method a card is tagged with: sft, the preference loss's (dpo, ipo, orpo, simpo), or grpo."""
     if config.get("objective") == "preference":
         return _PREFERENCE_TAGS.get(config.get("loss"), "dpo")
+    if config.get("objective") == "grpo":
+        return "grpo"
     return "sft"
 
 
@@ -337,7 +339,7 @@ def _data_lines(config: dict, front: dict) -> list[str]:
     if config.get("validation_data"):
         lines.append(f"- Validation data: `{_home(str(config['validation_data']))}`")
     elif config.get("validation"):
-        unit = "pairs" if config.get("objective") == "preference" else "examples"
+        unit = {"preference": "pairs", "grpo": "prompts"}.get(config.get("objective"), "examples")
         lines.append(f"- Validation data: {config['validation']:.0%} of the {unit}, held out")
     return lines
 
@@ -368,9 +370,22 @@ def _results(metrics: list[dict]) -> list[str]:
         last = held[-1]
         rows.append(f"| held-out reward accuracy, margin (step {last['step']}) | "
                     f"{last['eval_reward_accuracy']:.1%}, {last['eval_reward_margin']:.3f} |")
+    rollouts = [r for r in metrics if "generation_s" in r]
+    if rollouts:
+        last = rollouts[-1]
+        rows.append(f"| mean reward of the rollouts (step {last['step']}; step 1: {rollouts[0]['reward']:.3f}) | "
+                    f"{last['reward']:.3f} |")
+    rewarded = [r for r in metrics if "eval_reward" in r]
+    if rewarded:
+        last = rewarded[-1]
+        before = f"; {last['eval_reward_before']:.3f} before training" if "eval_reward_before" in last else ""
+        rows.append(f"| held-out mean reward, greedy (step {last['step']}) | {last['eval_reward']:.3f}{before} |")
     if not rows:
         return ["No metrics were recorded with this adapter (no metrics.jsonl beside it)."]
-    what = ("Losses are the preference loss per pair (fp32); a pair's reward is beta times its answer's "
+    what = ("GRPO: rewards are the weighted sum of the run's reward functions per completion; the loss is the "
+            "clipped policy-gradient loss (near 0 by construction: advantages are normalised within each group)."
+            if rollouts or rewarded else
+            "Losses are the preference loss per pair (fp32); a pair's reward is beta times its answer's "
             "log-probability ratio to the reference (ORPO, SimPO: its mean token log-probability), and the accuracy "
             "is the share of pairs whose chosen answer earns the higher reward." if preference or held else
             "Losses are the mean cross-entropy per trained token (fp32).")

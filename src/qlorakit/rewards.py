@@ -106,8 +106,7 @@ def _field_value(reward: Reward, field: str, row: dict, where: str):
         present = ", ".join(map(repr, sorted(row))) if isinstance(row, dict) and row else "none"
         kind = reward.spec.partition(":")[0]
         raise DataError(f"{where}: no field {field!r} for the reward {reward.spec} (fields present: {present}); add "
-                        f"it to every row, name the column that holds it ({kind}:COLUMN), or read it from another "
-                        f"column with --field {field}=COLUMN")
+                        f"it to every row, or name the column that holds it ({kind}:COLUMN)")
     value = row[field]
     if value is None:
         raise DataError(f"{where}: field {field!r} is empty (a null, or an empty CSV cell), but the reward "
@@ -156,7 +155,7 @@ class _Numeric(Reward):
         if number is None:
             raise DataError(f"{where}: field {self.field!r} holds {show(value)}, in which {self.spec} finds no "
                             "number; give the answer as a number (42, \"1,234.5\", \"3/4\", \"... #### 42\"), or "
-                            f"read it from another column with --field {self.field}=COLUMN")
+                            "name the column that holds it as a number (numeric:COLUMN)")
         return number
 
     def check_row(self, row, where):

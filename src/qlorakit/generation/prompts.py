@@ -3,7 +3,8 @@ tokens that end an answer."""
 
 from __future__ import annotations
 
-from ..data import encode_chat, encode_text, special_token_pattern
+from ..data import special_token_pattern
+from ..data.prompts import encode_prompt
 from ..data.formats import check_messages
 from ..errors import ConfigError, show
 
@@ -29,10 +30,10 @@ def encode_prompts(tokenizer, prompts: list, parse_special_tokens: bool = False,
     encoded = []
     for prompt, name in zip(prompts, names, strict=True):
         if isinstance(prompt, str):
-            encoded.append(encode_text(tokenizer, prompt)[0])
+            encoded.append(encode_prompt(tokenizer, prompt))
         elif isinstance(prompt, list) and prompt:
             messages = check_messages(prompt, name)
-            encoded.append(encode_chat(tokenizer, messages, True, parse_special_tokens, name, specials)[1])
+            encoded.append(encode_prompt(tokenizer, messages, parse_special_tokens, name, specials))
         else:
             raise ConfigError(f"{name}: a prompt is a string or a non-empty list of messages ({{'role': ..., "
                               f"'content': ...}}), not {show(prompt) if isinstance(prompt, list) else type(prompt).__name__}")
