@@ -104,11 +104,19 @@ def task_rows(n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
 def heldout_reward(model, tokenizer, rows: list[dict], max_new_tokens: int, dtype, batch_size: int = 16) -> dict:
     """Mean record_reward of greedy answers to `rows`' prompts (chat template with the generation prompt, left
     padding, transformers' generate under the compute dtype's autocast), and the share scored 1.0. The same code for
-    both sides."""
+    both sides.
+
+    The model answers in training mode (it has no dropout, so the answers are eval mode's): bitsandbytes (0.50 on a
+    CPU with AVX512-BF16) repacks a Linear4bit's weight for its CPU kernel the first time the layer runs in eval mode
+    without gradients, for good, and the backward through a repacked layer is wrong (bitsandbytes::gemv_4bit has no
+    autograd kernel; the gradient norm of one batch fell from 2.87 to 0.79) — measuring the HF stack's base model
+    before training would break its training. (qlorakit turns that kernel off.)"""
     import torch
 
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise SystemExit("heldout_reward: the model has dropout, so training mode would change its greedy answers")
     was_training = model.training
-    model.eval()
+    model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = sorted({tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)} - {None})
     answers = []

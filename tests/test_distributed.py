@@ -178,6 +178,44 @@ def test_preference_tuning_on_two_ranks_of_4_is_one_process_of_8(tiny_model_dir,
         load_file(two / "reference_logps.safetensors")["train"], rtol=1e-5)
 
 
+EVEN_WORDS = """
+def even_words(prompts, completions, rows):
+    # the share of a completion's words w<N> whose N is even
+    return [sum(int(w[1:]) % 2 == 0 for w in c.split()) / max(len(c.split()), 1) for c in completions]
+"""
+
+
+def test_grpo_on_two_ranks_of_4_is_one_process_of_8(tiny_model_dir, tmp_path):
+    """`qlorakit grpo --nproc-per-node 2`: each completion draws from its own seed (seed, step, row, place in the
+    group), so two ranks sample what one process samples; advantages are per group (a group is on one rank), the
+    loss's normalisers are summed over the ranks, the KL reference (beta > 0) is each rank's. 14 prompts, 20% held out
+    (11 train: a step's second global micro-batch holds 3 prompts), grad_accum 2: the adapter, losses, rewards and
+    held-out reward of one process with the global batch (tolerances as above)."""
+    rows = [{"prompt": " ".join(f"w{(i * 7 + j) % 200 + 10}" for j in range(3 + i % 5)), "id": i} for i in range(14)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reward = tmp_path / "even.py"
+    reward.write_text(EVEN_WORDS)
+    settings = dict(max_steps=2, grad_accum=2, validation=0.2, lr=2e-2, reward=f"{reward}:even_words", group_size=4,
+                    max_new_tokens=6, max_length=64, beta=0.05, loss="grpo")
+    one = tmp_path / "one"
+    qlorakit.train_grpo(progress=False, log=lambda _: None, model=str(tiny_model_dir), data=str(data),
+                        output=str(one), dtype="fp32", device="cpu", rank=4, alpha=8, seed=0, batch_size=8, **settings)
+    two = tmp_path / "two"
+    _launch(2, *_flags(tiny_model_dir, data, two, batch_size=4, **settings), command="grpo")
+    assert_same_adapter(_adapter(one), _adapter(two))
+    a_steps, b_steps = _steps(one), _steps(two)
+    assert len(a_steps) == len(b_steps) == 3  # two steps and the held-out evaluation
+    assert a_steps[0]["reward_std"] > 0 and a_steps[0]["kl"] >= 0 and "eval_reward" in a_steps[-1]
+    for a, b in zip(a_steps, b_steps):
+        for key in ("completion_length", "truncated", "zero_std_groups", "trained_tokens"):
+            if key in a:
+                assert b[key] == a[key], (key, a, b)
+        for key in ("loss", "grad_norm", "reward", "reward_std", "kl", "eval_reward"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=PARITY_RTOL, abs=1e-6), (key, a, b)
+
+
 def test_a_distributed_run_merges_as_one_process_does(one_process_runs, two_process_runs, tmp_path):
     """The adapter files are a one-process run's (GGUF export reads them as merge does: through the same merge)."""
     _, reference, _ = one_process_runs["packed"]

@@ -208,6 +208,9 @@ def _eval(args) -> int:
                           "leave out one of them")
     if args.output is not None and Path(args.output).suffix.lower() != ".jsonl":
         raise ConfigError(f"--output {args.output}: name the output file *.jsonl (one JSON line per example)")
+    if args.reward_weights is not None and not args.reward:
+        raise ConfigError(f"--reward-weights {args.reward_weights} weighs the rewards --reward names, and none is "
+                          "given; add --reward SPEC (one per weight), or leave out --reward-weights")
     fields = parse_field_map(args.field)
     # What the command runs (torch, transformers), imported once its flags are known to be good.
     import contextlib
@@ -227,38 +230,110 @@ def _eval(args) -> int:
         examples, fmt = read_examples(args.data, args.format, args.skip_bad_rows, report, fields=fields,
                                       config=args.data_config, split=args.split)
         matched = examples[: args.limit] if args.limit else examples
-        if fmt == "preference":  # (--limit: the first N pairs; no answers to match)
-            return _eval_pairs(args, matched, report, answers_file)
-        if fmt == "text" and answers_file is not None:
-            raise ConfigError(f"--output {args.output}: {args.data} is plain text (format text), which has no "
-                              "reference answers to match; leave out --output")
-        if fmt != "text" and not args.no_exact_match:
-            for example in matched:
-                prompt_and_reference(example)  # every example has a prompt to answer
-        model, tokenizer = _load_with_adapter(args)
-        items, report = tokenize_examples(tokenizer, examples, args.max_length, "assistant", "truncate", report,
-                                          args.parse_special_tokens)
-        check_trainable(items, report, args.data, "assistant")
-        result = {"data": args.data, "examples": len(items)}
-        result.update(eval_loss(model, items, pad_id_of(tokenizer), args.batch_size))
-        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']} tokens, "
-              f"{len(items)} examples)")
-        if fmt != "text" and not args.no_exact_match:
-            match = exact_match(model, tokenizer, matched, max_new_tokens=args.max_new_tokens,
-                                parse_special_tokens=args.parse_special_tokens)
-            result["exact_match"] = match["accuracy"]
-            print(f"exact match {match['accuracy']:.1%} ({match['correct']}/{match['total']})")
-            for line in _wrong_answers(match["samples"], args.show, shutil.get_terminal_size((100, 24)).columns,
-                                       suggest_output=answers_file is None):
-                print(line)
-            if answers_file is not None:
-                with open(answers_file, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in match["samples"])
-    if args.output is not None:
-        print(f"{match['total']} answers written to {args.output} (a JSON line each: {', '.join(ANSWER_FIELDS)})")
+        if fmt == "prompt":  # (--limit: the first N prompts)
+            result, written, fields_written = _eval_prompts(args, matched, report, answers_file)
+        else:
+            if args.reward:
+                raise ConfigError(
+                    f"--reward {args.reward[0]}: --reward scores the model's answers to prompt data (rows of a "
+                    f"'prompt' and the fields the rewards read: format prompt), and {args.data} is {fmt} data, "
+                    "whose answers are scored against its reference answers (exact match); leave out --reward, or "
+                    "evaluate on prompt data")
+            if fmt == "preference":  # (--limit: the first N pairs; no answers to match)
+                return _eval_pairs(args, matched, report, answers_file)
+            if fmt == "text" and answers_file is not None:
+                raise ConfigError(f"--output {args.output}: {args.data} is plain text (format text), which has no "
+                                  "reference answers to match; leave out --output")
+            if fmt != "text" and not args.no_exact_match:
+                for example in matched:
+                    prompt_and_reference(example)  # every example has a prompt to answer
+            model, tokenizer = _load_with_adapter(args)
+            items, report = tokenize_examples(tokenizer, examples, args.max_length, "assistant", "truncate", report,
+                                              args.parse_special_tokens)
+            check_trainable(items, report, args.data, "assistant")
+            result = {"data": args.data, "examples": len(items)}
+            result.update(eval_loss(model, items, pad_id_of(tokenizer), args.batch_size))
+            print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']} tokens, "
+                  f"{len(items)} examples)")
+            if fmt != "text" and not args.no_exact_match:
+                match = exact_match(model, tokenizer, matched, max_new_tokens=args.max_new_tokens,
+                                    parse_special_tokens=args.parse_special_tokens)
+                result["exact_match"] = match["accuracy"]
+                print(f"exact match {match['accuracy']:.1%} ({match['correct']}/{match['total']})")
+                for line in _wrong_answers(match["samples"], args.show, shutil.get_terminal_size((100, 24)).columns,
+                                           suggest_output=answers_file is None):
+                    print(line)
+                if answers_file is not None:
+                    with open(answers_file, "w", encoding="utf-8") as f:
+                        f.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in match["samples"])
+                written, fields_written = match["total"], ANSWER_FIELDS
+    if args.output is not None:  # (once the file is in place)
+        print(f"{written} answers written to {args.output} (a JSON line each: {', '.join(fields_written)})")
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+# What `qlorakit eval --reward ... --output FILE.jsonl` writes for each prompt: where it is (file and line), what the
+# model was asked (the prompt as the row gives it), the row's other fields (what the rewards read), the model's
+# greedy answer, its total (weighted) reward and each reward's value by spec.
+REWARD_ANSWER_FIELDS = ("where", "prompt", "row", "answer", "reward", "rewards")
+
+
+def _eval_prompts(args, prompts, report, answers_file) -> tuple[dict, int, tuple[str, ...]]:
+    """`qlorakit eval` on prompt data (format prompt, GRPO's): the mean reward of the model's greedy answers, overall
+    and per --reward (evaluate.mean_reward, as a GRPO run's held-out prompts are scored), the lowest-reward answers
+    (--show) and, with --output, every answer. A prompt too long for --max-length with --max-new-tokens is dropped
+    and counted, as GRPO's data drops it. Returns the results, the answers written and their fields."""
+    import json
+
+    from .data.prompts import _check_lengths, prompt_tokenizer
+    from .errors import DataError
+    from .evaluate import mean_reward
+    from .generation import Generator
+    from .rewards import check_rows, parse_rewards
+
+    # Refused before the model loads: no way to score the answers, the rewards (their specs and weights; a user
+    # function is imported here), a row without a field a reward reads, lengths that leave no room for a prompt.
+    if not args.reward:
+        raise ConfigError(f"{args.data} holds prompts (format prompt), with no reference answers to match: name how "
+                          "to score the model's answers with --reward SPEC (e.g. --reward exact:answer, --reward "
+                          "numeric:answer, or your own --reward my_rewards:score), repeatable")
+    if args.no_exact_match:
+        raise ConfigError(f"--no-exact-match: {args.data} holds prompts (format prompt), which have no answers to "
+                          "take a loss over; their generated answers are scored by --reward: leave out "
+                          "--no-exact-match")
+    rewards = parse_rewards(args.reward, args.reward_weights)
+    check_rows(rewards, [p.row for p in prompts], [p.where for p in prompts])
+    limit = _check_lengths(args.max_length, args.max_new_tokens, "drop")
+    model, tokenizer = _load_with_adapter(args)
+    fit = prompt_tokenizer(tokenizer, args.max_length, args.max_new_tokens, "drop", report, args.parse_special_tokens)
+    items = [item for item in map(fit, prompts) if item is not None]
+    dropped = (f"longer than the {limit} tokens --max-length {args.max_length} leaves beside --max-new-tokens "
+               f"{args.max_new_tokens}")
+    if not items:
+        raise DataError(f"{args.data}: nothing to evaluate — all {report.dropped_long} prompts are {dropped}; raise "
+                        "--max-length or lower --max-new-tokens")
+    scored = mean_reward(Generator(model, tokenizer), items, rewards, args.max_new_tokens)
+    result = {"data": args.data, "prompts": scored["prompts"], "dropped_long": report.dropped_long,
+              "reward": scored["reward"], "rewards": scored["rewards"]}
+    print(f"mean reward {scored['reward']:.4f} over {scored['prompts']} prompts (greedy answers of at most "
+          f"{args.max_new_tokens} tokens)")
+    if report.dropped_long:
+        print(f"  ({report.dropped_long} prompts left out: {dropped})")
+    width = max(len(r.spec) for r in rewards)
+    for r in rewards:
+        print(f"  {r.spec:<{width}}  {scored['rewards'][r.spec]:.4f}  (weight {r.weight:g})")
+    answers = [{"where": item.where, "prompt": item.prompt, "row": item.row, "answer": sample["answer"],
+                "reward": sample["reward"], "rewards": {r.spec: sample[r.spec] for r in rewards}}
+               for item, sample in zip(items, scored["samples"])]
+    for line in _lowest_rewards(answers, args.show, shutil.get_terminal_size((100, 24)).columns,
+                                suggest_output=answers_file is None):
+        print(line)
+    if answers_file is not None:
+        with open(answers_file, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(answer, ensure_ascii=False) + "\n" for answer in answers)
+    return result, len(answers), REWARD_ANSWER_FIELDS
 
 
 def _eval_pairs(args, pairs, report, answers_file) -> int:
@@ -314,19 +389,39 @@ def _wrong_answers(samples: list[dict], show: int, width: int, suggest_output: b
     wrong = [s for s in samples if not s["correct"]]
     if not wrong or show == 0:
         return []
-    header = ("where", "prompt", "expected", "got")
     rows = [(s["where"], _asked(s["prompt"]), s["expected"], s["got"]) for s in wrong[:show]]
-    widths = [max(len(_cell(row[i], 1 << 30)) for row in (header, *rows)) for i in range(len(header))]
-    room = width - 2 - 2 * (len(header) - 1)  # an indent, two spaces between columns
-    while sum(widths) > room and max(widths) > 8:
-        widths[widths.index(max(widths))] -= 1
     lines = [f"wrong answers ({len(rows)} of {len(wrong)}):"]
-    lines += ["  " + "  ".join(f"{_cell(text, w):<{w}}" for text, w in zip(row, widths)).rstrip()
-              for row in (header, *rows)]
+    lines += _fitted(("where", "prompt", "expected", "got"), rows, width)
     if len(wrong) > len(rows):
         where = " (--output FILE.jsonl writes every answer)" if suggest_output else ""
         lines.append(f"  ... and {len(wrong) - len(rows)} more wrong; --show {len(wrong)} prints them all{where}")
     return lines
+
+
+def _lowest_rewards(answers: list[dict], show: int, width: int, suggest_output: bool = True) -> list[str]:
+    """A table of the `show` answers with the lowest total reward (where, the prompt's last user message, the
+    answer, its reward), lowest first (ties in the data's order), fitted to `width` columns as _wrong_answers's."""
+    if not answers or show == 0:
+        return []
+    lowest = sorted(answers, key=lambda a: a["reward"])[:show]
+    rows = [(a["where"], _asked(a["prompt"]), a["answer"], f"{a['reward']:.4g}") for a in lowest]
+    lines = [f"lowest rewards ({len(rows)} of {len(answers)}):"]
+    lines += _fitted(("where", "prompt", "answer", "reward"), rows, width)
+    if len(answers) > len(rows):
+        where = " (--output FILE.jsonl writes every answer)" if suggest_output else ""
+        lines.append(f"  ... and {len(answers) - len(rows)} more; --show {len(answers)} prints them all{where}")
+    return lines
+
+
+def _fitted(header: tuple[str, ...], rows: list[tuple[str, ...]], width: int) -> list[str]:
+    """`header` and `rows` as indented columns of at most `width` characters a line: the widest column gives way
+    first, down to 8 characters."""
+    widths = [max(len(_cell(row[i], 1 << 30)) for row in (header, *rows)) for i in range(len(header))]
+    room = width - 2 - 2 * (len(header) - 1)  # an indent, two spaces between columns
+    while sum(widths) > room and max(widths) > 8:
+        widths[widths.index(max(widths))] -= 1
+    return ["  " + "  ".join(f"{_cell(text, w):<{w}}" for text, w in zip(row, widths)).rstrip()
+            for row in (header, *rows)]
 
 
 def _precision(args) -> int:
@@ -497,13 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--no-stream", action="store_true", help="print each answer when it is complete")
     chat.set_defaults(func=_chat)
 
-    ev = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy of base model + adapter on data",
+    ev = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy of base model + adapter on data "
+                        "(on prompts: the mean --reward)",
                         description="Loss and perplexity over the trained tokens of DATA (answers only), and "
                         "exact-match accuracy of greedy answers against the reference answers (the last assistant "
                         "turn, output or completion), with the first wrong answers (--show) and, with --output, "
                         "every answer in a JSON lines file. On preference pairs (prompt, chosen, rejected): the chosen "
                         "answers' loss and perplexity, and how often the model gives the chosen answer the higher "
-                        "log-probability (--limit: the first N pairs).")
+                        "log-probability (--limit: the first N pairs). On prompts (GRPO's data: a prompt and the "
+                        "fields the rewards read): the mean reward of the greedy answers, overall and per --reward, "
+                        "with the lowest-reward answers (--show) and, with --output, every answer and its rewards.")
     _add_model_flags(ev)
     ev.add_argument("--data", required=True, help="evaluation data: a file, dataset directory or Hub dataset id "
                     "(org/name[@revision]), in the formats train reads")
@@ -515,17 +613,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data format (default auto: detected from the fields)")
     ev.add_argument("--max-length", type=int, default=1024, help="tokens per example (default 1024)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per forward pass for the loss (default 8)")
-    ev.add_argument("--limit", type=int, help="exact match on the first N examples only (pairs: score the first N)")
+    ev.add_argument("--limit", type=int, help="exact match on the first N examples only (pairs: score the first N; "
+                    "prompts: answer the first N)")
     ev.add_argument("--no-exact-match", action="store_true", help="loss and perplexity only")
     ev.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     ev.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     ev.add_argument("--parse-special-tokens", action="store_true", help=PARSE_SPECIAL_HELP)
     ev.add_argument("--show", type=int, default=5, metavar="N",
                     help="print up to N wrong answers after the exact-match score: where, the prompt's last user "
-                    "message, expected and got, shortened to the terminal's width (default 5; 0: none)")
+                    "message, expected and got, shortened to the terminal's width (prompts: the N answers of lowest "
+                    "reward; default 5; 0: none)")
     ev.add_argument("--output", metavar="FILE.jsonl",
                     help="write every exact-matched example as one JSON line: where (file and line), prompt, "
-                    "expected, got, correct")
+                    "expected, got, correct (prompts: where, prompt, row, answer, reward, rewards)")
+    rewarded = ev.add_argument_group("prompt data (format prompt)")
+    rewarded.add_argument("--reward", action="append", metavar="SPEC",
+                          help="score each greedy answer with this reward, as `qlorakit grpo` does: exact:FIELD, "
+                          "regex:PATTERN, numeric:FIELD, overlong:N, truncated, or MODULE:FUNCTION / FILE.py:FUNCTION "
+                          "(called with prompts, completions, rows; returns a number per completion); repeat for "
+                          "several")
+    rewarded.add_argument("--reward-weights", metavar="W1,W2",
+                          help="the rewards' weights in the total, comma-separated in --reward order (default 1 each)")
     ev.add_argument("--overwrite", action="store_true",
                     help="replace an earlier --output of qlorakit eval (never a file qlorakit did not write)")
     ev.set_defaults(func=_eval)

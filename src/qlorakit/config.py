@@ -377,9 +377,10 @@ class GRPOConfig(TrainConfig):
     temperature: float = option(1.0, "sampling temperature (the log-probabilities trained on use it too)")
     top_p: float = option(1.0, "nucleus sampling: 1.0 turns it off")
     top_k: int = option(0, "sample among the k most likely tokens: 0 turns it off")
-    loss: str = option("grpo", "grpo: each completion's token mean, averaged; dapo: the mean over all completion "
-                       "tokens; dr_grpo: the sum over tokens / (completions x max_new_tokens), advantages not divided "
-                       "by the group's std", choices=GRPO_LOSSES)
+    loss: str = option("dapo", "how the completion tokens' terms are averaged: dapo, over all the step's completion "
+                       "tokens (TRL's default); grpo, each completion's token mean, then over completions; dr_grpo, "
+                       "the sum / (completions x max_new_tokens), advantages not divided by the group's std",
+                       choices=GRPO_LOSSES)
     beta: float = option(0.0, "KL penalty towards the model with adapters disabled (0: none, and no reference "
                          "forward)")
     epsilon: float = option(0.2, "clipping of the policy ratio: [1 - epsilon, 1 + epsilon_high]")

@@ -8,8 +8,8 @@ several — with this module's objective in place of the language-modelling loss
 1. **Rollouts.** The step's prompts (grad_accum micro-batches of batch_size prompts) are answered together,
    group_size sampled completions each, by qlorakit.Generator on the same quantized model with its adapters active
    (the decoder of the inference path: dense weights, a KV cache, the group batched; an adapter the last step
-   updated is picked up). Sampling is seeded per (seed, step, process), so a --resume samples what the
-   uninterrupted run sampled.
+   updated is picked up). Each completion draws from its own seed, a function of (seed, step, its prompt's row, its place
+   in the group): a --resume samples what the uninterrupted run sampled, and N processes what one does.
 2. **Rewards and advantages.** The rewards (rewards.py) score each completion; their weighted sum, normalised within
    its prompt's group, is the completion's advantage: (r - mean) / (std + 1e-4) (grpo, dapo), r - mean (dr_grpo).
    A group whose completions all scored the same has advantage 0: it teaches nothing (counted in the metrics), and
@@ -103,7 +103,7 @@ class GRPOObjective:
     config_class = GRPOConfig
 
     def __init__(self, rewards: list, group_size: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, loss: str = "grpo", beta: float = 0.0, epsilon: float = 0.2,
+                 top_p: float = 1.0, top_k: int = 0, loss: str = "dapo", beta: float = 0.0, epsilon: float = 0.2,
                  epsilon_high: float | None = None, seed: int = 0):
         self.rewards, self.group_size, self.max_new_tokens = rewards, group_size, max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
@@ -160,15 +160,15 @@ class GRPOObjective:
 
         groups = [list(getattr(batch, "items", ())) for batch in batches]  # a rank's empty share: no prompts
         prompts = [item for group in groups for item in group]
-        rank = self.processes.rank if self.processes is not None else 0
         started = time.perf_counter()
         answers = []
         if prompts:
             sampling = Sampling(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
-                                top_k=self.top_k, top_p=self.top_p, seed=self.step_seed(step, rank))
+                                top_k=self.top_k, top_p=self.top_p)
             answers = self.generator.run([item.input_ids for item in prompts for _ in range(self.group_size)],
                                          sampling, names=[item.where for item in prompts for _ in
-                                                          range(self.group_size)])
+                                                          range(self.group_size)],
+                                         seeds=self.rollout_seeds(step, prompts))
         generation_s = time.perf_counter() - started
         g = self.group_size
         rows = [item.row for item in prompts for _ in range(g)]
@@ -199,10 +199,18 @@ class GRPOObjective:
             sums = self.processes.sum(sums, self.device)
         return out, self._rollout_metrics(sums, generation_s)
 
-    def step_seed(self, step: int, rank: int) -> int:
-        """The sampling seed of a step's rollouts on a process: a function of (seed, step, rank) only."""
-        digest = hashlib.sha256(f"grpo:{self.seed}:{step}:{rank}".encode()).digest()
-        return int.from_bytes(digest[:7], "little")
+    def rollout_seeds(self, step: int, prompts: list) -> list[int]:
+        """Each completion's sampling seed: a function of (seed, step, the prompt's row, its place in the group)
+        only — so a --resume samples what the uninterrupted run sampled, and several processes sample what one
+        does. (A row met twice in one step, across an epoch's end, draws anew the second time.)"""
+        seen: dict[str, int] = {}
+        seeds = []
+        for item in prompts:
+            again = seen[item.where] = seen.get(item.where, -1) + 1
+            for k in range(self.group_size):
+                digest = hashlib.sha256(f"grpo:{self.seed}:{step}:{item.where}:{again}:{k}".encode()).digest()
+                seeds.append(int.from_bytes(digest[:7], "little"))
+        return seeds
 
     def _rollout_batch(self, prompts: list, answers: list, advantages: torch.Tensor) -> RolloutBatch:
         """The micro-batch of `prompts`' completions (`answers`, group by group): each a prompt + completion
@@ -277,7 +285,7 @@ class GRPOObjective:
             loss = terms.sum() / max(tokens, 1)
         else:  # dr_grpo
             loss = terms.sum() / max(completions * self.max_new_tokens, 1)
-        stats = {"clipped": float(clipped.sum()), "kl": float(kl.sum()) if kl is not None else 0.0}
+        stats = {"clipped": float(clipped.sum()), "kl": float(kl.detach().sum()) if kl is not None else 0.0}
         return loss, stats
 
     def stat_names(self) -> tuple[str, ...]:

@@ -60,11 +60,17 @@ class Generator:
         return f"transformers' generate ({self.why_not})" if self.why_not else "not built yet"
 
     def run(self, prompts: list[list[int]], sampling: Sampling, on_text=None,
-            names: list[str] | None = None) -> list[Answer]:
+            names: list[str] | None = None, seeds: list[int] | None = None) -> list[Answer]:
         """Answers to prompts given as token ids. `on_text(index, piece)` receives each answer's text as it
-        becomes final (for streaming)."""
+        becomes final (for streaming). `seeds` gives each prompt its own sampling seed, so an answer is the same
+        whatever is generated beside it (qlorakit's decoder; transformers' generate seeds each batch from its
+        first prompt's); by default they come from sampling.seed and the prompt's position."""
         if not prompts:
             return []
+        if seeds is not None and (len(seeds) != len(prompts) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+            raise ConfigError(f"seeds: give one whole number >= 0 per prompt ({len(prompts)} prompts, "
+                              f"{len(seeds)} seeds)")
         vocab = self.model.get_input_embeddings().num_embeddings
         for i, ids in enumerate(prompts):
             name = names[i] if names else f"prompt {i + 1}"
@@ -83,11 +89,11 @@ class Generator:
                 from .reference import generate_with_transformers
 
                 return generate_with_transformers(self.model, self.tokenizer, prompts, sampling, self.end_ids,
-                                                  self.batch_size, on_text)
+                                                  self.batch_size, on_text, seeds)
             from .batching import run
 
             slots = min(self.batch_size, self._slots_that_fit(decoder, prompts, sampling))
-            return run(decoder, prompts, sampling, self.end_ids, slots, self.tokenizer, on_text)
+            return run(decoder, prompts, sampling, self.end_ids, slots, self.tokenizer, on_text, seeds)
         finally:
             self.model.train(was_training)
 

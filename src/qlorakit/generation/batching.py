@@ -32,11 +32,12 @@ class _Running:
 
 
 def run(decoder, prompts: list[list[int]], sampling: Sampling, end_ids: list[int], slots: int, tokenizer,
-        on_text=None) -> list[Answer]:
+        on_text=None, seeds: list[int] | None = None) -> list[Answer]:
     """Answers to `prompts` (token ids) from `decoder`, `slots` at a time; `on_text(index, piece)` receives each
-    answer's text as it becomes final."""
+    answer's text as it becomes final; `seeds`, each prompt's sampling seed (default: from sampling.seed and its
+    position)."""
     vocab = decoder.vocab
-    chooser = TokenChooser(sampling, vocab, end_ids, decoder.device)
+    chooser = TokenChooser(sampling, vocab, end_ids, decoder.device, seeds)
     ends = set(end_ids)
     needs_text = bool(on_text) or bool(sampling.stop)
     penalty = sampling.repetition_penalty != 1.0

@@ -15,7 +15,7 @@ from .sampling import AnswerText, Sampling
 
 @torch.no_grad()
 def generate_with_transformers(model, tokenizer, prompts: list[list[int]], sampling: Sampling, end_ids: list[int],
-                               batch_size: int, on_text=None) -> list[Answer]:
+                               batch_size: int, on_text=None, seeds: list[int] | None = None) -> list[Answer]:
     precision = precision_of(model)
     device = next(p.device for p in model.parameters())
     pad_id = pad_id_of(tokenizer)
@@ -35,7 +35,9 @@ def generate_with_transformers(model, tokenizer, prompts: list[list[int]], sampl
             options["stopping_criteria"][0].prompt_width = width
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-        if sampling.do_sample and sampling.seed is not None:
+        if sampling.do_sample and seeds is not None:  # transformers draws for the batch from one stream
+            torch.manual_seed(seeds[start] % 2**63)
+        elif sampling.do_sample and sampling.seed is not None:
             torch.manual_seed(sampling.seed + start)
         with precision.autocast():
             out = model.generate(input_ids=input_ids, attention_mask=mask, **options)

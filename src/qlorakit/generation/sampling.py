@@ -89,8 +89,9 @@ class TokenChooser:
     answer so far, end-of-turn tokens banned before min_new_tokens, then greedy or the warpers and a draw from the
     prompt's own generator."""
 
-    def __init__(self, sampling: Sampling, vocab: int, end_ids: list[int], device):
+    def __init__(self, sampling: Sampling, vocab: int, end_ids: list[int], device, seeds: list[int] | None = None):
         self.sampling, self.end_ids, self.device = sampling, torch.tensor(end_ids, device=device), device
+        self.seeds = seeds  # each prompt's own seed, when the caller gives them (rollouts: whatever the batch)
         self.warpers = sampling.warpers() if sampling.do_sample else []
         self.vocab = vocab
         base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -98,6 +99,8 @@ class TokenChooser:
 
     def generator(self, index: int) -> torch.Generator:
         """Prompt `index`'s own random stream: its answer does not depend on the prompts generated beside it."""
+        if self.seeds is not None:
+            return torch.Generator(device=self.device).manual_seed(self.seeds[index] % 2**63)
         return torch.Generator(device=self.device).manual_seed((self._base_seed + 1_000_003 * index) % 2**63)
 
     def seen(self, prompt: list[int]) -> torch.Tensor:
