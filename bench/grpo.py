@@ -28,8 +28,11 @@ rewards, reference and policy passes, optimizer), seconds per step end to end â€
 RSS of the side's process (ru_maxrss, read the same way for both: os.wait4 on the child), its wall time, the mean
 training reward over the last steps, and the mean reward of greedy answers to the same held-out prompts, scored the
 same way, before and after training (both computed by this file with transformers' generate on the side's model).
-qlorakit's numbers come from its metrics.jsonl (generation_s, training_s, rollout_tokens_per_s, tokens, reward); TRL's
-are measured around its generation call and its steps.
+qlorakit's numbers come from its metrics.jsonl (generation_s, rollout_tokens_per_s, tokens, tokens_per_s: the step's
+seconds, reward); TRL's are measured around its generation call and its steps. The sequences trained on: TRL's are
+every completion's; qlorakit's leave out those of groups whose rewards were all equal (advantage 0) when beta is 0,
+so its training tokens/s counts fewer tokens than it was given, and seconds per step is the like-for-like figure.
+The JSON (--json) also holds each step's reward, loss, gradient norm and mean completion length.
 
 Sampling differs between the sides (each draws from its own random stream), so per-step rewards do not compare one
 to one; the held-out reward after training and the training reward's trend do.

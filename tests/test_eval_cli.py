@@ -228,3 +228,204 @@ def test_every_case_is_documented():
         assert f"| {case} |" in section, case
     for _, flags, message in BAD_SETTINGS:
         assert f"`{message}`" in section or flags == ["--output", "."], message
+
+
+# ---- prompt data (format prompt, GRPO's): the mean reward of the greedy answers, --reward
+
+PROMPTS = [{"prompt": f"w{10 + i} w{30 + i} w{50 + 2 * i}", "answer": f"w{20 + i}"} for i in range(5)]
+PROMPTS.insert(3, {"prompt": " ".join(f"w{60 + i}" for i in range(20)), "answer": "w99"})  # 21 tokens: dropped
+REWARD_FILE = '''
+def distinct(prompts, completions, rows):
+    """The share of an answer's words that are distinct (a model that repeats itself scores low)."""
+    return [len(set(c.split())) / max(len(c.split()), 1) for c in completions]
+'''
+# truncated: -1 for an answer cut at --max-new-tokens; regex: 1 for an answer with a word w100..w199
+SPECS = ["truncated", r"regex:.*\bw1\d\d\b.*", "distinct.py:distinct"]
+WEIGHTS = [1.0, 2.0, 0.5]
+# (--max-length 24 and --max-new-tokens 6 leave 18 tokens to a prompt: the 21-token one is dropped)
+REWARD_FLAGS = [flag for spec in SPECS for flag in ("--reward", spec)] + [
+    "--reward-weights", ",".join(f"{w:g}" for w in WEIGHTS), "--max-new-tokens", "6", "--max-length", "24"]
+
+
+@pytest.fixture
+def prompts(tmp_path, monkeypatch):
+    """prompts.jsonl and the reward file beside it, in the current directory (the file reward is named from it)."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
+    (tmp_path / "distinct.py").write_text(REWARD_FILE)
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def direct(adapter):
+    """mean_reward of the adapter's model, called directly on the prompts load_data keeps: what eval must print."""
+    from qlorakit.adapters import load_adapter
+    from qlorakit.data import load_data
+    from qlorakit.evaluate import mean_reward
+    from qlorakit.rewards import parse_rewards
+
+    model, tokenizer = qlorakit.load(str(adapter_base_of(adapter)), quant="none", dtype="fp32", device="cpu")
+    model = load_adapter(model, adapter)
+    directory = Path(adapter).parent / "direct"  # (the same file names: the same `where`s and reward specs)
+    directory.mkdir(exist_ok=True)
+    (directory / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
+    (directory / "distinct.py").write_text(REWARD_FILE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        data = load_data("prompts.jsonl", tokenizer, max_length=24, max_new_tokens=6, on_long="drop")
+        rewards = parse_rewards(SPECS, WEIGHTS)
+    return data, mean_reward(qlorakit.Generator(model, tokenizer), data.train, rewards, 6)
+
+
+def adapter_base_of(adapter):
+    from qlorakit.adapters import adapter_base, read_adapter_info
+
+    return adapter_base(read_adapter_info(adapter), adapter)
+
+
+def test_prompt_eval_prints_the_mean_reward_mean_reward_gives(adapter, prompts, direct, capsys, loads):
+    """Exact: the command's numbers are mean_reward's on the same model, prompts, rewards and weights."""
+    data, scored = direct
+    assert _eval(adapter, prompts, *REWARD_FLAGS, "--json", "--show", "0") == 0
+    printed = capsys.readouterr().out.splitlines()
+    result = json.loads(printed[-1])
+    assert result == {"data": str(prompts), "prompts": 5, "dropped_long": 1, "reward": scored["reward"],
+                      "rewards": scored["rewards"]}
+    assert len(set(s["reward"] for s in scored["samples"])) > 1  # the rewards tell the answers apart
+    assert any(v != 0 for v in scored["rewards"].values())
+    assert printed[0] == f"mean reward {scored['reward']:.4f} over 5 prompts (greedy answers of at most 6 tokens)"
+    width = max(map(len, SPECS))
+    assert printed[1:4] == [f"  {spec:<{width}}  {scored['rewards'][spec]: .4f}  (weight {w:g})"
+                            for spec, w in zip(SPECS, WEIGHTS)]
+    assert printed[4] == "  (1 dropped: longer than the 18 tokens --max-length 24 leaves beside --max-new-tokens 6)"
+    assert len(printed) == 6 and loads == [1]
+    assert [item.where for item in data.train] == [f"prompts.jsonl line {i}" for i in (1, 2, 3, 5, 6)]
+
+
+def test_prompt_eval_output_has_each_answer_and_its_rewards(adapter, prompts, direct, capsys):
+    """Exact: each line's rewards are mean_reward's samples, its total the weighted sum, and their mean the mean."""
+    data, scored = direct
+    out = prompts.parent / "answers.jsonl"
+    assert _eval(adapter, prompts, *REWARD_FLAGS, "--output", str(out), "--limit", "5", "--show", "0") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == (f"4 answers written to {out} (a JSON line each: where, prompt, row, answer, reward, "
+                           "rewards)")
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [list(line) for line in lines] == [list(qlorakit.evaluate.REWARD_ANSWER_FIELDS)] * 4  # --limit 5: 5 rows, 1 dropped
+    for line, item, sample, row in zip(lines, data.train, scored["samples"], [PROMPTS[i] for i in (0, 1, 2, 4)]):
+        assert (line["where"], line["prompt"], line["row"]) == (item.where, row["prompt"], {"answer": row["answer"]})
+        assert line["answer"] == sample["answer"] and line["reward"] == sample["reward"]
+        assert line["rewards"] == {spec: sample[spec] for spec in SPECS}
+        total = 0.0
+        for spec, weight in zip(SPECS, WEIGHTS):
+            total += weight * line["rewards"][spec]
+        assert line["reward"] == total
+    assert sorted(p.name for p in prompts.parent.iterdir()) == ["answers.jsonl", "distinct.py", "prompts.jsonl"]
+
+
+def test_prompt_eval_shows_the_lowest_rewards_first(adapter, prompts, direct, capsys):
+    _, scored = direct
+    assert _eval(adapter, prompts, *REWARD_FLAGS, "--show", "3") == 0
+    table = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("lowest rewards"))
+    table = table[start:]
+    lowest = sorted(scored["samples"], key=lambda s: s["reward"])  # (stable: ties in the data's order)
+    assert table[0] == "lowest rewards (3 of 5):"
+    assert table[1].split() == ["where", "prompt", "answer", "reward"]
+    for line, sample in zip(table[2:5], lowest):
+        assert line.startswith(f"  {sample['where']}  ") and line.endswith(f"  {sample['reward']:.4g}"), line
+    assert table[5] == "  ... and 2 more; --show 5 prints them all (--output FILE.jsonl writes every answer)"
+    assert len(table) == 6 and all(len(line) <= 100 for line in table)
+
+
+def test_every_prompt_too_long_is_an_error_naming_the_limit(adapter, prompts, capsys, loads):
+    assert _eval(adapter, prompts, "--reward", "truncated", "--max-new-tokens", "6", "--max-length", "8") == 2
+    assert capsys.readouterr().err.strip() == (  # (the shortest prompts are 3 tokens: the tiny tokenizer adds no BOS)
+        f"qlorakit: error: {prompts}: nothing to evaluate — all 6 prompts are longer than the 2 tokens --max-length "
+        "8 leaves beside --max-new-tokens 6; raise --max-length or lower --max-new-tokens")
+    assert loads == [1]  # (the tokenizer counts a prompt's tokens)
+
+
+def _pairs_file(directory: Path) -> Path:
+    path = directory / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "w10", "chosen": "w11", "rejected": "w12"}) + "\n")
+    return path
+
+
+# case (as docs/errors.md names it), the data (prompts, the instruction data, pairs), flags, the message (run in
+# the directory of the data)
+PROMPT_REFUSALS = [
+    ("prompt data without `--reward`", "prompts", [],
+     "prompts.jsonl holds prompts (format prompt), with no reference answers to match: name how to score the "
+     "model's answers with --reward SPEC (e.g. --reward exact:answer, --reward numeric:answer, or your own --reward "
+     "my_rewards:score), repeatable"),
+    ("`--reward` on data other than prompts", "eval", ["--reward", "exact:output"],
+     "--reward exact:output: --reward scores the model's answers to prompt data (rows of a 'prompt' and the fields "
+     "the rewards read: format prompt), and eval.jsonl holds instruction data, which eval scores against the answers "
+     "it holds; leave out --reward, or evaluate on prompt data"),
+    ("`--reward` on data other than prompts", "pairs", ["--reward", "truncated"],
+     "--reward truncated: --reward scores the model's answers to prompt data (rows of a 'prompt' and the fields the "
+     "rewards read: format prompt), and pairs.jsonl holds preference data, which eval scores against the answers it "
+     "holds; leave out --reward, or evaluate on prompt data"),
+    ("`--reward-weights` without `--reward`", "prompts", ["--reward-weights", "1,2"],
+     "--reward-weights 1,2 weighs the rewards --reward names, and none is given; add --reward SPEC (one per "
+     "weight), or leave out --reward-weights"),
+    ("`--no-exact-match` on prompt data", "prompts", ["--reward", "truncated", "--no-exact-match"],
+     "--no-exact-match: prompts.jsonl holds prompts (format prompt), which have no answers to take a loss over; "
+     "their generated answers are scored by --reward: leave out --no-exact-match"),
+    ("a bad reward (any of the Rewards section's refusals before the model loads)", "prompts", ["--reward", "exactt"],
+     "reward 'exactt': not a built-in reward nor a function (built-in rewards: exact:FIELD, regex:PATTERN, "
+     "numeric:FIELD, overlong:N, truncated; or a function of yours: module:function or path/to/file.py:function); "
+     "did you mean exact:FIELD?"),
+    ("a bad reward (any of the Rewards section's refusals before the model loads)", "prompts",
+     ["--reward", "truncated", "--reward", "exact:answer", "--reward-weights", "1"],
+     "--reward-weights '1': 1 weight(s) for 2 reward(s) (truncated, exact:answer); give one weight per --reward, "
+     "in the same order"),
+    ("a bad reward (any of the Rewards section's refusals before the model loads)", "prompts",
+     ["--reward", "nofile.py:score"],
+     "reward 'nofile.py:score': nofile.py is no such file (looked in {cwd}); name a Python file and a function in "
+     "it, path/to/file.py:function"),
+    ("a row without the field a reward reads", "prompts", ["--reward", "numeric:solution"],
+     "prompts.jsonl line 1: no field 'solution' for the reward numeric:solution (fields present: 'answer'); add it "
+     "to every row, or name the column that holds it (numeric:COLUMN)"),
+    ("`--max-new-tokens` that leaves no room for a prompt in `--max-length`", "prompts",
+     ["--reward", "truncated", "--max-new-tokens", "64", "--max-length", "64"],
+     "max_new_tokens=64 leaves no room for a prompt in max_length=64 (a prompt and its answer must fit together); "
+     "raise --max-length or lower --max-new-tokens"),
+]
+
+
+@pytest.mark.parametrize("case,which,flags,message", PROMPT_REFUSALS, ids=[" ".join(c[2]) or c[0]
+                                                                            for c in PROMPT_REFUSALS])
+def test_prompt_eval_refusals_come_before_the_model_loads(data, prompts, capsys, loads, case, which, flags, message):
+    """Refused before loading: never loaded (`loads`), and the adapter, which does not exist, is not reached."""
+    source = {"prompts": prompts, "eval": data, "pairs": _pairs_file(prompts.parent)}[which]
+    source = source.rename(prompts.parent / source.name) if source.parent != prompts.parent else source
+    assert main(["eval", "--adapter", "no-such-adapter", "--data", source.name, "--device", "cpu", *flags]) == 2
+    assert capsys.readouterr().err.strip() == "qlorakit: error: " + message.format(cwd=prompts.parent)
+    assert loads == []
+
+
+def test_an_earlier_reward_answers_file_is_replaced_with_overwrite(adapter, prompts, capsys):
+    out = prompts.parent / "answers.jsonl"
+    assert _eval(adapter, prompts, *REWARD_FLAGS, "--output", str(out), "--limit", "1") == 0
+    assert _eval(adapter, prompts, *REWARD_FLAGS, "--output", str(out)) == 2
+    assert "already exists (a file of eval answers qlorakit wrote)" in capsys.readouterr().err
+    assert _eval(adapter, prompts, *REWARD_FLAGS, "--output", str(out), "--overwrite") == 0
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_every_prompt_case_is_documented():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    section = docs[docs.index("## eval and start-up"):]
+    section = section[:section.index("\n## ")]
+    for case, _, _, message in PROMPT_REFUSALS:
+        assert f"| {case} |" in section, case
+    first = {}  # (a case's first message is the one quoted)
+    for case, _, _, message in PROMPT_REFUSALS:
+        first.setdefault(case, message)
+    for case, message in first.items():
+        if not case.startswith("a bad reward"):
+            assert f"`{message}`" in section, message
+    assert "| every prompt longer than `--max-length` - `--max-new-tokens` |" in section

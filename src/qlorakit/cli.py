@@ -236,9 +236,8 @@ def _eval(args) -> int:
             if args.reward:
                 raise ConfigError(
                     f"--reward {args.reward[0]}: --reward scores the model's answers to prompt data (rows of a "
-                    f"'prompt' and the fields the rewards read: format prompt), and {args.data} is {fmt} data, "
-                    "whose answers are scored against its reference answers (exact match); leave out --reward, or "
-                    "evaluate on prompt data")
+                    f"'prompt' and the fields the rewards read: format prompt), and {args.data} holds {fmt} data, "
+                    "which eval scores against the answers it holds; leave out --reward, or evaluate on prompt data")
             if fmt == "preference":  # (--limit: the first N pairs; no answers to match)
                 return _eval_pairs(args, matched, report, answers_file)
             if fmt == "text" and answers_file is not None:
@@ -277,7 +276,6 @@ def _eval(args) -> int:
 # What `qlorakit eval --reward ... --output FILE.jsonl` writes for each prompt: where it is (file and line), what the
 # model was asked (the prompt as the row gives it), the row's other fields (what the rewards read), the model's
 # greedy answer, its total (weighted) reward and each reward's value by spec.
-REWARD_ANSWER_FIELDS = ("where", "prompt", "row", "answer", "reward", "rewards")
 
 
 def _eval_prompts(args, prompts, report, answers_file) -> tuple[dict, int, tuple[str, ...]]:
@@ -287,9 +285,9 @@ def _eval_prompts(args, prompts, report, answers_file) -> tuple[dict, int, tuple
     and counted, as GRPO's data drops it. Returns the results, the answers written and their fields."""
     import json
 
-    from .data.prompts import _check_lengths, prompt_tokenizer
+    from .data.prompts import check_lengths, prompt_tokenizer
     from .errors import DataError
-    from .evaluate import mean_reward
+    from .evaluate import REWARD_ANSWER_FIELDS, mean_reward
     from .generation import Generator
     from .rewards import check_rows, parse_rewards
 
@@ -305,7 +303,7 @@ def _eval_prompts(args, prompts, report, answers_file) -> tuple[dict, int, tuple
                           "--no-exact-match")
     rewards = parse_rewards(args.reward, args.reward_weights)
     check_rows(rewards, [p.row for p in prompts], [p.where for p in prompts])
-    limit = _check_lengths(args.max_length, args.max_new_tokens, "drop")
+    limit = check_lengths(args.max_length, args.max_new_tokens, "drop")
     model, tokenizer = _load_with_adapter(args)
     fit = prompt_tokenizer(tokenizer, args.max_length, args.max_new_tokens, "drop", report, args.parse_special_tokens)
     items = [item for item in map(fit, prompts) if item is not None]
@@ -319,11 +317,11 @@ def _eval_prompts(args, prompts, report, answers_file) -> tuple[dict, int, tuple
               "reward": scored["reward"], "rewards": scored["rewards"]}
     print(f"mean reward {scored['reward']:.4f} over {scored['prompts']} prompts (greedy answers of at most "
           f"{args.max_new_tokens} tokens)")
-    if report.dropped_long:
-        print(f"  ({report.dropped_long} prompts left out: {dropped})")
     width = max(len(r.spec) for r in rewards)
     for r in rewards:
-        print(f"  {r.spec:<{width}}  {scored['rewards'][r.spec]:.4f}  (weight {r.weight:g})")
+        print(f"  {r.spec:<{width}}  {scored['rewards'][r.spec]: .4f}  (weight {r.weight:g})")
+    if report.dropped_long:
+        print(f"  ({report.dropped_long} dropped: {dropped})")
     answers = [{"where": item.where, "prompt": item.prompt, "row": item.row, "answer": sample["answer"],
                 "reward": sample["reward"], "rewards": {r.spec: sample[r.spec] for r in rewards}}
                for item, sample in zip(items, scored["samples"])]
@@ -332,7 +330,8 @@ def _eval_prompts(args, prompts, report, answers_file) -> tuple[dict, int, tuple
         print(line)
     if answers_file is not None:
         with open(answers_file, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(answer, ensure_ascii=False) + "\n" for answer in answers)
+            # (default=str: a row's value JSON has no type for, a parquet date, is written as its text)
+            f.writelines(json.dumps(answer, ensure_ascii=False, default=str) + "\n" for answer in answers)
     return result, len(answers), REWARD_ANSWER_FIELDS
 
 

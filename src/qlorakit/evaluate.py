@@ -102,6 +102,8 @@ def prompt_and_reference(example: Example) -> tuple[list[dict] | str, str]:
 # the model was asked (the messages before the answer, or the plain prompt), the reference answer, the model's
 # answer, and whether they match.
 ANSWER_FIELDS = ("where", "prompt", "expected", "got", "correct")
+# ... and of `qlorakit eval --reward` on prompt data: each answer's total reward and each reward's value
+REWARD_ANSWER_FIELDS = ("where", "prompt", "row", "answer", "reward", "rewards")
 
 
 def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int = 64,

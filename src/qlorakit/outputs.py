@@ -264,15 +264,15 @@ def _gguf_is_ours(path: Path) -> bool:
 
 def _answers_are_ours(path: Path) -> bool:
     """Whether `qlorakit eval --output` wrote this (regular) file: its first line, read up to a bounded length, is
-    a JSON object of exactly the fields it writes (evaluate.ANSWER_FIELDS)."""
-    from .evaluate import ANSWER_FIELDS
+    a JSON object of exactly the fields it writes (evaluate.ANSWER_FIELDS; on prompt data REWARD_ANSWER_FIELDS)."""
+    from .evaluate import ANSWER_FIELDS, REWARD_ANSWER_FIELDS
 
     try:
         with open(path, "rb") as f:
             value = json.loads(f.readline(_MAX_ANSWER_LINE).decode("utf-8"))
     except (OSError, ValueError):  # unreadable, not UTF-8, not JSON, or a first line past the bound
         return False
-    return isinstance(value, dict) and set(value) == set(ANSWER_FIELDS)
+    return isinstance(value, dict) and set(value) in (set(ANSWER_FIELDS), set(REWARD_ANSWER_FIELDS))
 
 
 # The outputs that are one file, not a directory: kind -> (what --output names, how a file qlorakit did not write

@@ -57,7 +57,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], parse_special_tokens: boo
     return encode_chat(tokenizer, prompt, True, parse_special_tokens, where, specials)[1]
 
 
-def _check_lengths(max_length: int, max_new_tokens: int, on_long: str) -> int:
+def check_lengths(max_length: int, max_new_tokens: int, on_long: str) -> int:
     """The settings, checked before any prompt; the longest prompt they leave room for."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r}: prompt data (rows with a 'prompt' alone, for GRPO) "
@@ -83,7 +83,7 @@ def prompt_tokenizer(tokenizer, max_length: int, max_new_tokens: int, on_long: s
                      report: TokenizeReport | None = None, parse_special_tokens: bool = False):
     """A function from one PromptExample to its TokenizedPrompt (or None when dropped as too long), counting prompts
     and their tokens into `report` (nothing trains in a prompt: trained_tokens stays 0)."""
-    limit = _check_lengths(max_length, max_new_tokens, on_long)
+    limit = check_lengths(max_length, max_new_tokens, on_long)
     report = report if report is not None else TokenizeReport()
     report.unit = UNIT
     specials = None if parse_special_tokens else special_token_pattern(tokenizer)
@@ -185,7 +185,7 @@ def load_prompts(read, tokenizer, max_length: int = 1024, max_new_tokens: int = 
                  parse_special_tokens: bool = False) -> PromptData:
     """Tokenize the prompts `read_data` read (an ExampleData of format "prompt"): load_data's part for prompt data.
     Validation prompts too long for the limit are dropped, never an error."""
-    limit = _check_lengths(max_length, max_new_tokens, on_long)
+    limit = check_lengths(max_length, max_new_tokens, on_long)
     if not isinstance(read.train, list):
         raise ConfigError("GRPO reads its prompts whole (they are few and short: a run's time goes to generating "
                           "their answers); drop --streaming")
