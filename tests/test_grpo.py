@@ -255,6 +255,60 @@ def _objective_loss(objective, model, batch, counts):
 
 
 @pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo"])
+def test_each_normalisation_on_hand_made_log_probabilities(monkeypatch, kind):
+    """GRPOObjective.loss on a packed batch of 4 completions (1 to 6 tokens) given hand-made log-probabilities
+    and old ones (token_terms handed the old values: ratios 0.6 to 1.6, both bounds biting, epsilon 0.2,
+    epsilon_high 0.28) and a reference (beta 0.05), with counts that also stand for a completion left out: the
+    loss is the per-token formula normalised as the kind says, written out in float64 (fp32, 1e-6), its gradient
+    that normalisation's weight per token (1e-6), and the clipped tokens counted."""
+    import qlorakit.grpo as grpo
+
+    batch = _packed(SEQUENCES, ADVANTAGES)
+    lengths = [len(c) for _, c in SEQUENCES]
+    n_tokens = sum(lengths)
+    logps = torch.linspace(-3.0, -0.5, n_tokens)
+    shift = torch.tensor([0.5, -0.5, 0.1, -0.3, 0.22, 0.4, -0.4, 0.05, -0.1, 0.3, -0.25, 0.35, -0.6])
+    old = logps - shift
+    reference = logps + torch.linspace(-0.4, 0.4, n_tokens)
+    batch.reference = reference
+    beta, epsilon, epsilon_high = 0.05, 0.2, 0.28
+    completions, tokens, max_new = len(SEQUENCES) + 1, n_tokens + 3, MAX_NEW
+    real = grpo.token_terms
+    monkeypatch.setattr(grpo, "token_terms", lambda new, _old, *rest: real(new, old, *rest))
+    objective = GRPOObjective([], group_size=2, max_new_tokens=max_new, loss=kind, beta=beta, epsilon=epsilon,
+                              epsilon_high=epsilon_high)
+    where = batch.labels[:, 1:].reshape(-1) != IGNORE_INDEX
+    x = logps.clone().requires_grad_(True)
+    loss, stats = objective.loss((x, where), batch, [completions, tokens])
+    loss.backward()
+
+    per_token_a = [a for a, n in zip(ADVANTAGES, lengths) for _ in range(n)]
+    terms, _, clipped = _expected_terms(logps.double().tolist(), old.double().tolist(), per_token_a,
+                                        reference.double().tolist(), beta, epsilon, epsilon_high)
+    assert any(c and a > 0 for c, a in zip(clipped, per_token_a))
+    assert any(c and a < 0 for c, a in zip(clipped, per_token_a))
+    owner = [k for k, n in enumerate(lengths) for _ in range(n)]
+    if kind == "grpo":
+        weights = [1 / (lengths[k] * completions) for k in owner]
+    elif kind == "dapo":
+        weights = [1 / tokens] * n_tokens
+    else:
+        weights = [1 / (completions * max_new)] * n_tokens
+    assert float(loss.detach()) == pytest.approx(sum(w * t for w, t in zip(weights, terms)), abs=1e-6)
+    ratio = torch.exp(shift).double().tolist()
+    grad = [w * ((0.0 if c else -a * r) + beta * (1 - math.exp(ref - lp)))
+            for w, c, a, r, ref, lp in zip(weights, clipped, per_token_a, ratio, reference.double().tolist(),
+                                           logps.double().tolist())]
+    torch.testing.assert_close(x.grad, torch.tensor(grad, dtype=torch.float32), rtol=1e-6, atol=1e-6)
+    assert stats["clipped"] == sum(clipped)
+    assert stats["kl"] == pytest.approx(sum(math.exp(r - lp) - (r - lp) - 1 for r, lp in
+                                            zip(reference.double().tolist(), logps.double().tolist())), rel=1e-5)
+    summary = objective.summary(stats, [completions, tokens])
+    assert summary["clip_fraction"] == pytest.approx(sum(clipped) / tokens)
+    assert summary["kl"] == pytest.approx(stats["kl"] / tokens)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_loss_on_packed_rollouts_is_the_direct_computation(policy, kind, beta):
     """Four completions of different lengths packed in one row (temperature 0.7, counts that also stand for a
@@ -284,7 +338,7 @@ def test_loss_on_packed_rollouts_is_the_direct_computation(policy, kind, beta):
     assert stats["clipped"] == 0.0  # one update per rollout: ratio 1, nothing clipped
 
 
-def _fake_rollouts(tokenizer_pad=0):
+def _fake_rollouts():
     """Three prompts x group 3 of hand-made answers (lengths 1-5, 22 tokens), rewards with the middle group flat
     and, in the first, a completion whose reward is its group's mean (advantage 0 too)."""
     prompts = [TokenizedPrompt(f"prompts.jsonl line {i + 1}", ids, "p", {})
@@ -316,7 +370,7 @@ def test_rollout_batch_packs_prompt_and_completion_and_skips_zero_advantages(pol
 
 @pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo"])
 def test_skipping_zero_advantage_completions_changes_nothing(policy, kind):
-    """beta = 0: the batch without the flat group's completions (as _rollout_batch makes it) gives the loss and
+    """beta = 0: the batch without the completions of advantage 0 (as _rollout_batch makes it) gives the loss and
     gradient of the batch that holds them, with the same normalisers (fp32: loss 1e-6; gradients rtol 1e-5,
     atol 1e-7)."""
     model, _ = policy
@@ -333,7 +387,7 @@ def test_skipping_zero_advantage_completions_changes_nothing(policy, kind):
     results = []
     for batch in (skipped, whole):
         loss, _ = _objective_loss(objective, model, batch, counts)
-        results.append((float(loss), torch.autograd.grad(loss, params)))
+        results.append((float(loss.detach()), torch.autograd.grad(loss, params)))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -349,7 +403,9 @@ def test_a_micro_batch_of_nothing_but_flat_groups_trains_nothing(policy):
     batch = objective._rollout_batch(prompts, answers, torch.zeros(9))
     assert batch.placeholder and batch.advantages.numel() == 0 and objective.counts(batch) == [9, 22]
     loss, stats = _objective_loss(objective, model, batch, [9, 22])
-    assert float(loss) == 0.0 and loss.requires_grad and stats == {"clipped": 0.0, "kl": 0.0}
+    assert float(loss.detach()) == 0.0 and loss.requires_grad and stats == {"clipped": 0.0, "kl": 0.0}
+    grads = torch.autograd.grad(loss, _trainable(model), allow_unused=True)
+    assert all(g is None or not bool(g.any()) for g in grads)
 
 
 def _snapshot(params):
@@ -399,7 +455,7 @@ def test_accumulated_micro_batches_equal_one_batch(policy, kind):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["grpo", "dapo"])
+@pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo"])
 def test_a_run_with_accumulation_equals_one_big_batch(tmp_path, tiny_model_dir, files, kind):
     """8 prompts a step, as 1 micro-batch of 8 or 2 micro-batches of 4 (generated together, then trained one by
     one): the same completions (rewards, lengths ==), losses (1e-6), gradient norms (rel 1e-5) and adapter (atol
@@ -553,11 +609,13 @@ def test_reference_keeps_the_models_mode(policy):
     model.train()
 
 
-def test_a_run_with_beta_logs_kl_from_zero(tmp_path, tiny_model_dir, files):
-    """beta > 0: every step has 'kl'; fresh adapters (B = 0) make the policy its reference at step 1, kl 0
-    (1e-6); the updates then move it away (kl > 0, finite)."""
-    run = _grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "kl", reward=[_spec(files)], beta=0.04,
-                max_steps=3, lr=5e-2)
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_a_run_with_beta_logs_kl_from_zero(tmp_path, tiny_model_dir, files, quant):
+    """beta > 0 (fp32): every step has 'kl'; fresh adapters (B = 0) make the policy the model with its adapters
+    disabled, so at step 1 the reference is the policy and kl is 0 (1e-6) — on either quantization: the reference
+    must compute the base as the policy does; the updates then move it away (kl > 0, finite)."""
+    run = _grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "kl", quant=quant, reward=[_spec(files)],
+                beta=0.04, max_steps=3, lr=5e-2)
     steps = _steps(run)
     assert all("kl" in r and math.isfinite(r["kl"]) for r in steps)
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -639,10 +697,10 @@ def test_message_prompts_use_the_chat_template_and_reach_the_reward_as_messages(
         "    return [float(len(c.split()) % 3) for c in completions]\n", encoding="utf-8")
     model, _ = qlorakit.load(model_dir, quant="nf4", dtype="fp32", device="cpu")
     lines = []
-    run = qlorakit.train_grpo(loaded=(model, tokenizer), data=str(data), reward=[f"{tmp_path / 'chat_reward.py'}:score"],
-                              output=str(tmp_path / "out"), rank=4, alpha=8, batch_size=4, group_size=4,
-                              max_new_tokens=4, max_length=64, lr=2e-2, max_steps=2, log=lines.append,
-                              progress=False)
+    run = qlorakit.train_grpo(loaded=(model, tokenizer), data=str(data),
+                              reward=[f"{tmp_path / 'chat_reward.py'}:score"], output=str(tmp_path / "out"),
+                              rank=4, alpha=8, batch_size=4, group_size=4, max_new_tokens=4, max_length=64,
+                              lr=2e-2, max_steps=2, log=lines.append, progress=False)
     # the prompts' tokens are the template's, with the generation prompt (the data line reports their count)
     from qlorakit.data.tokenize import encode_chat
 
@@ -703,6 +761,16 @@ def test_resume_is_exact(tmp_path, tiny_model_dir, files):
     assert full.keys() == again.keys()
     for name in full:
         assert torch.equal(full[name], again[name]), name
+    # a resume must keep the rollouts' settings: another group size or reward is refused, naming both
+    with pytest.raises(qlorakit.TrainingError, match=r"--resume with group_size=8, but the run was started with "
+                                                     r"group_size=4"):
+        _grpo(tiny_model_dir, data, tmp_path / "cut", save_every=2, resume=True, **(settings | {"group_size": 8}))
+    with pytest.raises(qlorakit.TrainingError, match=r"--resume with reward=\['exact:answer'\], but the run was "
+                                                     r"started with reward="):
+        _grpo(tiny_model_dir, data, tmp_path / "cut", save_every=2, resume=True,
+              **(settings | {"reward": ["exact:answer"]}))
+    with pytest.raises(qlorakit.TrainingError, match=r"the run there is a GRPO run \(qlorakit grpo\)"):
+        qlorakit.train(data=str(data), output=str(tmp_path / "cut"), resume=True, **QUIET)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -813,9 +881,9 @@ def test_grpo_command_writes_the_run_and_its_metrics(tmp_path, tiny_model_dir, f
     # the held-out prompts' mean reward (greedy answers), overall and per reward, after the last step
     evaluated = [r for r in records if "eval_reward" in r]
     assert [r["step"] for r in evaluated] == [2]
-    assert evaluated[0]["eval_reward"] == pytest.approx(
-        evaluated[0]["eval_reward/exact:answer"] + 0.5 * evaluated[0][f"reward/{spread}".replace("reward/", "eval_reward/")],
-        abs=1e-6)
+    final = evaluated[0]
+    assert final["eval_reward"] == pytest.approx(
+        final["eval_reward/exact:answer"] + 0.5 * final[f"eval_reward/{spread}"], abs=1e-6)
 
 
 def _subcommand(name):

@@ -381,7 +381,7 @@ class GRPOConfig(TrainConfig):
                        "tokens (TRL's default); grpo, each completion's token mean, then over completions; dr_grpo, "
                        "the sum / (completions x max_new_tokens), advantages not divided by the group's std",
                        choices=GRPO_LOSSES)
-    beta: float = option(0.0, "KL penalty towards the model with adapters disabled (0: none, and no reference "
+    beta: float = option(0.0, "KL penalty towards the base (the model with adapters off; 0: none, and no reference "
                          "forward)")
     epsilon: float = option(0.2, "clipping of the policy ratio: [1 - epsilon, 1 + epsilon_high]")
     epsilon_high: float | None = option(None, "the upper clip (DAPO: 0.28)", default_note="epsilon")

@@ -20,7 +20,7 @@ several — with this module's objective in place of the language-modelling loss
    completion token t, with ratio = exp(logp - logp_old) (logp_old the same values, detached: one update per
    rollout) and A the completion's advantage:
        loss_t = -min(ratio·A, clip(ratio, 1 - epsilon, 1 + epsilon_high)·A) + beta·KL_t,
-       KL_t = exp(ref - logp) - (ref - logp) - 1      (the k3 estimator; ref: the model with adapters disabled)
+       KL_t = exp(ref - logp) - (ref - logp) - 1      (the k3 estimator; ref: the model with adapters off)
    averaged as --loss says: grpo, each completion's token mean, then the mean over completions; dapo, the mean over
    all completion tokens; dr_grpo, the sum over tokens / (completions x max_new_tokens) — over the step's
    completions on every process together.
@@ -236,14 +236,16 @@ class GRPOObjective:
 
     @torch.no_grad()
     def _reference(self, batches: list[RolloutBatch]) -> None:
-        """Each batch's reference log-probabilities (beta > 0): the model with its adapters disabled, no dropout."""
+        """Each batch's reference log-probabilities (beta > 0): the model with its adapters switched off, computed
+        through the same layers as the policy (upstream.peft.base_only), no dropout."""
         from .loss import token_logps
+        from .upstream.peft import base_only
 
         model, precision = self.model, precision_of(self.model)
         was_training = model.training
         model.eval()
         try:
-            with model.disable_adapter():
+            with base_only(model):
                 for batch in batches:
                     if batch.placeholder:
                         continue

@@ -9,6 +9,7 @@ why. The layer attributes read are checked to exist when the fast path is instal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -107,3 +108,23 @@ def lora_parts(layer) -> LoRAParts | str:
         return why_not
     return LoRAParts(FrozenLinear(base, layer.__dict__.get("qlorakit_name", "a LoRA layer's base")), lora_a.weight, lora_b.weight, lora_b.bias, float(layer.scaling[name]),
                      dropout_p)
+
+
+@contextlib.contextmanager
+def base_only(model: torch.nn.Module):
+    """`model` computing its base alone through the same path it computes with its adapters: each LoRA layer's active
+    scaling set to 0 (its adapter's product, and its lora_bias, contribute nothing), restored on exit. PEFT's
+    disable_adapter() would send the layers to PEFT's own forward, whose LLM.int8 base quantizes the activations where
+    qlorakit's fused layer dequantizes the weight: the two differ (measured ~0.04 nats per token), so a reference
+    computed that way is not the policy's base."""
+    saved = []
+    try:
+        for _, layer in lora_linear_layers(model):
+            for name in layer.active_adapters:
+                if name in layer.scaling:
+                    saved.append((layer, name, layer.scaling[name]))
+                    layer.scaling[name] = 0.0
+        yield model
+    finally:
+        for layer, name, scale in saved:
+            layer.scaling[name] = scale
