@@ -138,18 +138,19 @@ def bpe_tokenizer():
     return tokenizer
 
 
-def save_tiny_bpe_model(path, arch="llama", seed=0):
-    """A tiny random Llama or Qwen2 (with q/k/v biases) over bpe_tokenizer(), saved as a model directory."""
+def save_tiny_bpe_model(path, arch="llama", seed=0, context=128):
+    """A tiny random Llama or Qwen2 (with q/k/v biases) over bpe_tokenizer(), saved as a model directory;
+    `context`: its max_position_embeddings."""
     from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = bpe_tokenizer()
     ids = dict(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     if arch == "llama":
-        model = LlamaForCausalLM(tiny_llama_config(**ids))
+        model = LlamaForCausalLM(tiny_llama_config(max_position_embeddings=context, **ids))
     else:
         config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3,
+                             num_key_value_heads=2, max_position_embeddings=context, initializer_range=0.3,
                              tie_word_embeddings=False, **ids)
         model = Qwen2ForCausalLM(config)
         with torch.no_grad():

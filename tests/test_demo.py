@@ -9,7 +9,10 @@ import re
 import pytest
 
 from conftest import save_tiny_bpe_model
-from qlorakit.demo import demo_files, demo_rows, preference_files, preference_rows, run_demo, run_preference_demo
+from qlorakit.demo import (
+    demo_files, demo_rows, grpo_files, grpo_rows, preference_files, preference_rows, record_reward, run_demo,
+    run_grpo_demo, run_preference_demo,
+)
 
 
 @pytest.fixture
@@ -88,3 +91,47 @@ def test_the_preference_demo_runs_as_a_users_dpo_run(cache, tmp_path):
     assert any(line.startswith("held-out pairs where the model prefers the chosen answer, before tuning") for line in
                lines), lines
     assert any(f"qlorakit eval --adapter {tmp_path / 'demo'} --data {heldout}" in line for line in lines), lines
+
+
+def test_the_grpo_demo_prompts_hold_the_task_and_its_record(cache):
+    """Each prompt: the SFT demo's sentence after the instruction and one worked example, the expected record as the
+    row's `record`; held-out sentences are not trained on."""
+    train, held = grpo_rows(n_train=24, n_heldout=6)
+    sft, sft_held = demo_rows(n_train=24, n_heldout=6)
+    assert [row["record"] for row in train + held] == [r["messages"][1]["content"] for r in sft + sft_held]
+    for row, chat in zip(train, sft):
+        sentence = chat["messages"][0]["content"].split("\n", 1)[1]
+        assert row["prompt"] == [{"role": "user", "content": f"Extract the person as name|age|job|city.\n"
+                                  f'Example: "Lena, 33, works as a nurse in Riga." -> Lena|33|nurse|Riga\n'
+                                  f'Now: "{sentence}" ->'}]
+    assert {r["prompt"][0]["content"] for r in train}.isdisjoint(r["prompt"][0]["content"] for r in held)
+    assert [json.loads(line) for line in grpo_files(24, 6)[0].read_text().splitlines()] == train
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("Sven|41|pilot|Oslo", 1.0), (" Sven | 41 | pilot | Oslo ", 1.0), ("Sven|41|pilot|Oslo\nThat is all.", 0.75),
+    ("Sven|42|pilot|Oslo", 0.75), ("Sven, 41, pilot, Oslo", 0.0), ("Sven|41", 0.5), ("", 0.0),
+    ("Sven|41|Oslo|pilot", 0.5), ("Sven|41|pilot|Oslo|extra", 1.0)])
+def test_the_grpo_demo_reward_is_a_quarter_per_field_in_its_place(completion, reward):
+    assert record_reward([None], [completion], [{"record": "Sven|41|pilot|Oslo"}]) == [reward]
+
+
+def test_the_grpo_demo_runs_as_a_users_grpo_run(cache, tmp_path):
+    """On a tiny model: the run trains on the prompts' files with the held-out file as validation and its reward as
+    a module:function spec, and reports the held-out mean reward before and after (the run's evaluation)."""
+    base = save_tiny_bpe_model(tmp_path / "base", context=512)  # the prompts: ~150 tokens of this tokenizer
+    lines = []
+    result = run_grpo_demo(log=lines.append, progress=False, n_train=16, n_heldout=4, model=str(base), quant="none",
+                           dtype="fp32", device="cpu", max_steps=2, batch_size=2, group_size=2, max_new_tokens=4,
+                           output=str(tmp_path / "demo"))
+    train, heldout = grpo_files(16, 4)
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert (config["data"], config["validation_data"], config["objective"], config["reward"]) == (
+        str(train), str(heldout), "grpo", ["qlorakit.demo:record_reward"])
+    assert result["before"]["prompts"] == result["after"]["prompts"] == 4
+    assert result["after"] == result["run"].eval
+    records = result["run"].metrics
+    assert [r["step"] for r in records if "generation_s" in r] == [1, 2]
+    assert any(line.startswith("held-out mean reward before training: ") for line in lines), lines
+    assert any(f"qlorakit eval --adapter {tmp_path / 'demo'} --data {heldout} --reward qlorakit.demo:record_reward"
+               in line for line in lines), lines

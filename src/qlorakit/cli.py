@@ -507,48 +507,44 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default 128)")
 
 
+def _add_run_command(sub, config_class: type, help: str, description: str) -> None:
+    """A training command (train, dpo, grpo): a YAML config, a flag per field of `config_class`, and the flags of
+    every run."""
+    # (no abbreviated flags: --nproc-per-node hands the arguments on to each rank as written)
+    p = sub.add_parser(config_class.COMMAND, allow_abbrev=False, help=help, description=description)
+    p.add_argument("config", nargs="?", help="YAML config file")
+    add_train_flags(p, config_class)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun. "
+                   "For several nodes run torchrun yourself (README: Several GPUs or nodes)")
+    p.set_defaults(func=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlorakit", description="QLoRA fine-tuning of causal language models, correct in every precision.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    # (no abbreviated flags: --nproc-per-node hands the arguments on to each rank as written)
-    train = sub.add_parser(
-        "train", allow_abbrev=False, help="fine-tune with QLoRA (no data: the default model on the built-in demo task)",
+    _add_run_command(
+        sub, TrainConfig, help="fine-tune with QLoRA (no data: the default model on the built-in demo task)",
         description="Fine-tune a model with LoRA adapters over frozen quantized weights. Settings come from "
         "TrainConfig's defaults, then CONFIG.yaml (keys as the flags, with underscores), then the flags. Writes "
         "the adapter in PEFT format, config.json, metrics.jsonl and loss.png to --output. Without --data (and no "
         "data: in CONFIG) it runs the built-in demo: the default model learns a synthetic extraction task and "
         "held-out exact match is printed before and after.")
-    train.add_argument("config", nargs="?", help="YAML config file")
-    add_train_flags(train)
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument("--nproc-per-node", type=int, metavar="N",
-                       help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun. "
-                       "For several nodes run torchrun yourself (README: Several GPUs or nodes)")
-    train.set_defaults(func=_train)
-
-    dpo = sub.add_parser(
-        "dpo", allow_abbrev=False, help="tune on preference pairs: DPO, IPO, hinge, ORPO, SimPO (no data: the "
+    _add_run_command(
+        sub, PreferenceConfig, help="tune on preference pairs: DPO, IPO, hinge, ORPO, SimPO (no data: the "
         "built-in preference demo)",
         description="Tune a model on preference pairs (prompt, chosen, rejected) with LoRA adapters over frozen "
         "quantized weights: DPO's sigmoid loss, IPO, hinge, ORPO or SimPO (--loss). The reference is the model as "
         "the run starts (fresh adapters: the base; --adapter DIR: that adapter, e.g. an SFT run), computed once per "
         "pair. Settings and outputs as for `qlorakit train` (its flags, less --train-on and --streaming), plus the "
         "loss's. Without --data it runs the built-in preference demo on the default model.")
-    dpo.add_argument("config", nargs="?", help="YAML config file")
-    add_train_flags(dpo, PreferenceConfig)
-    dpo.add_argument("--overwrite", action="store_true",
-                     help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
-    dpo.add_argument("--quiet", action="store_true", help="no progress bar")
-    dpo.add_argument("--nproc-per-node", type=int, metavar="N",
-                     help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun")
-    dpo.set_defaults(func=_train)
-
-    grpo = sub.add_parser(
-        "grpo", allow_abbrev=False, help="reinforcement learning with verifiable rewards on prompts (no data: the "
+    _add_run_command(
+        sub, GRPOConfig, help="reinforcement learning with verifiable rewards on prompts (no data: the "
         "built-in GRPO demo)",
         description="Tune a model with GRPO: for each prompt, --group-size completions are sampled from the model "
         "itself (quantized base + adapters, qlorakit's decoder), scored by the rewards (--reward: exact:FIELD, "
@@ -557,14 +553,6 @@ def build_parser() -> argparse.ArgumentParser:
         "messages, plus the fields the rewards read}. Settings and outputs as for `qlorakit train` (its flags, less "
         "--train-on, --streaming and --fsdp), plus the rewards, sampling and loss. Without --data it runs the "
         "built-in GRPO demo on the default model.")
-    grpo.add_argument("config", nargs="?", help="YAML config file")
-    add_train_flags(grpo, GRPOConfig)
-    grpo.add_argument("--overwrite", action="store_true",
-                      help="replace an earlier qlorakit run in --output (never files qlorakit did not write)")
-    grpo.add_argument("--quiet", action="store_true", help="no progress bar")
-    grpo.add_argument("--nproc-per-node", type=int, metavar="N",
-                      help="train on N processes of this machine (one per GPU; on a CPU, gloo): starts torchrun")
-    grpo.set_defaults(func=_train)
 
     chat = sub.add_parser("chat", help="chat with a base model and adapter (interactive, or one --prompt)",
                           description="Chat with a base model plus adapter, in the base's chat template: greedy, "

@@ -107,6 +107,25 @@ def _check_demo_settings(settings: dict, command: str) -> None:
                           f"data and held-out set; give --data to train on yours, or leave {flag} out")
 
 
+def _demo_model(config_class, defaults: dict, overrides: dict, overwrite: bool):
+    """A demo's settings (its `defaults`, then the user's flags) checked, its output checked, then the model loaded:
+    (config, model, tokenizer). The demo's own data is set by the caller."""
+    from .load import load
+    from .outputs import check_output
+
+    command = config_class.COMMAND
+    _check_demo_settings(overrides, command)
+    settings = defaults | {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("warmup_steps") is None and isinstance(settings["max_steps"], int):
+        settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"])  # `--max-steps 2` works
+    config = config_class.build(None, **settings)
+    check_output(config.output, "train", overwrite, config.resume, earlier=(  # before the minutes of loading
+        f"replace it with `qlorakit {command} --overwrite`, or choose another --output"))
+    model, tokenizer = load(config.model, quant=config.quant, double_quant=config.double_quant, dtype=config.dtype,
+                            device=config.device)
+    return config, model, tokenizer
+
+
 def _holds(file: Path, text: str) -> bool:
     try:
         return file.read_text(encoding="utf-8") == text
@@ -120,26 +139,14 @@ def run_demo(log=print, progress: bool = True, n_heldout: int = 60, overwrite: b
     validation data. An earlier demo run in the output directory is replaced only with `overwrite`, as any run.
 
     Returns {"before": ..., "after": ..., "output": ..., "seconds": ..., "run": the RunResult}."""
-    import time
-
     from .config import TrainConfig
     from .data import read_examples
     from .evaluate import exact_match
-    from .load import load
     from .model_card import add_exact_match
-    from .outputs import check_output
     from .train import train
 
     started = time.perf_counter()
-    _check_demo_settings(overrides, "train")
-    settings = DEMO_SETTINGS | {k: v for k, v in overrides.items() if v is not None}
-    if overrides.get("warmup_steps") is None and isinstance(settings["max_steps"], int):
-        settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"])  # `--max-steps 2` works
-    config = TrainConfig.build(None, **settings)
-    check_output(config.output, "train", overwrite, config.resume, earlier=(  # before the minutes of loading
-        "replace it with `qlorakit train --overwrite`, or choose another --output"))
-    model, tokenizer = load(config.model, quant=config.quant, double_quant=config.double_quant, dtype=config.dtype,
-                            device=config.device)
+    config, model, tokenizer = _demo_model(TrainConfig, DEMO_SETTINGS, overrides, overwrite)
     train_file, heldout_file = demo_files(n_heldout=n_heldout, seed=config.seed)
     config = TrainConfig.from_dict(config.to_dict() | {"data": str(train_file), "validation_data": str(heldout_file)})
     heldout, _ = read_examples(str(heldout_file), name="held-out", option="--validation-data")
@@ -227,23 +234,11 @@ def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, o
 
     Returns {"before": ..., "after": ..., "eval": the run's held-out metrics, "output": ..., "seconds": ...,
     "run": the RunResult}."""
-    import time
-
     from .config import PreferenceConfig
-    from .load import load
-    from .outputs import check_output
     from .preference import train_preference
 
     started = time.perf_counter()
-    _check_demo_settings(overrides, "dpo")
-    settings = PREFERENCE_SETTINGS | {k: v for k, v in overrides.items() if v is not None}
-    if overrides.get("warmup_steps") is None and isinstance(settings["max_steps"], int):
-        settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"])
-    config = PreferenceConfig.build(None, **settings)
-    check_output(config.output, "train", overwrite, config.resume, earlier=(
-        "replace it with `qlorakit dpo --overwrite`, or choose another --output"))
-    model, tokenizer = load(config.model, quant=config.quant, double_quant=config.double_quant, dtype=config.dtype,
-                            device=config.device)
+    config, model, tokenizer = _demo_model(PreferenceConfig, PREFERENCE_SETTINGS, overrides, overwrite)
     train_file, heldout_file = preference_files(n_train, n_heldout, seed=config.seed)
     config = PreferenceConfig.from_dict(config.to_dict() | {"data": str(train_file),
                                                             "validation_data": str(heldout_file)})
@@ -326,18 +321,10 @@ def run_grpo_demo(log=print, progress: bool = True, n_heldout: int = 60, overwri
     Returns {"before": ..., "after": ... (each {"reward", "rewards", "prompts"}), "output": ..., "seconds": ...,
     "run": the RunResult}."""
     from .config import GRPOConfig
-    from .grpo import GRPOObjective, train_grpo
-    from .load import load
-    from .outputs import check_output
+    from .grpo import train_grpo
 
     started = time.perf_counter()
-    _check_demo_settings(overrides, "grpo")
-    settings = GRPO_SETTINGS | {k: v for k, v in overrides.items() if v is not None}
-    config = GRPOConfig.build(None, **settings)
-    check_output(config.output, "train", overwrite, config.resume, earlier=(
-        "replace it with `qlorakit grpo --overwrite`, or choose another --output"))
-    model, tokenizer = load(config.model, quant=config.quant, double_quant=config.double_quant, dtype=config.dtype,
-                            device=config.device)
+    config, model, tokenizer = _demo_model(GRPOConfig, GRPO_SETTINGS, overrides, overwrite)
     train_file, heldout_file = grpo_files(n_train, n_heldout, seed=config.seed)
     config = GRPOConfig.from_dict(config.to_dict() | {"data": str(train_file), "validation_data": str(heldout_file)})
     log(f"built-in GRPO task: {INSTRUCTION!r} with one worked example in the prompt; reward: 0.25 per field of the "
@@ -348,7 +335,7 @@ def run_grpo_demo(log=print, progress: bool = True, n_heldout: int = 60, overwri
     after = result.eval
     seconds = time.perf_counter() - started
     log(f"held-out mean reward after training:  {after['reward']:.3f} (before: {before['reward']:.3f})")
-    log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; try it with: "
-        f"qlorakit chat --adapter {result.output} --prompt $'{INSTRUCTION}\\n{EXAMPLE}\\nNow: \"Sven, 41, works as "
-        f"a pilot in Oslo.\" ->'")
+    log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; measure it on the held-out "
+        f"prompts with: qlorakit eval --adapter {result.output} --data {heldout_file} --reward "
+        f"{GRPO_SETTINGS['reward'][0]}")
     return {"before": before, "after": after, "output": result.output, "seconds": seconds, "run": result}

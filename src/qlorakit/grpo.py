@@ -111,6 +111,7 @@ class GRPOObjective:
         self.epsilon = epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.generator = None  # set by prepare, once the model is loaded
+        self.max_length = 1024  # a sequence's longest: prompt and completion (the config's, set by `of`)
 
     @classmethod
     def of(cls, config: GRPOConfig) -> "GRPOObjective":
@@ -120,9 +121,11 @@ class GRPOObjective:
         if config.reward is None:
             raise ConfigError("no reward: pass --reward SPEC (e.g. --reward exact:answer, --reward numeric:answer, or "
                               "--reward my_rewards:score for your own function), or reward: in the YAML config")
-        return cls(parse_rewards(config.reward, config.reward_weights), config.group_size, config.max_new_tokens,
-                   config.temperature, config.top_p, config.top_k, config.loss, config.beta, config.epsilon,
-                   config.epsilon_high, config.seed)
+        objective = cls(parse_rewards(config.reward, config.reward_weights), config.group_size,
+                        config.max_new_tokens, config.temperature, config.top_p, config.top_k, config.loss,
+                        config.beta, config.epsilon, config.epsilon_high, config.seed)
+        objective.max_length = config.max_length
+        return objective
 
     # ---- before the model loads, and before training
 
@@ -133,8 +136,14 @@ class GRPOObjective:
         for part in (examples.train, examples.validation):
             check_rows(self.rewards, [example.row for example in part], [example.where for example in part])
 
-    def data_options(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens}  # a prompt must leave room for its completion
+    def data_options(self, model) -> dict:
+        """A prompt must leave room for its completion within max_length, and within the model's context (past it
+        generation is refused mid-run): those that do not are dropped (counted) or refused, as --on-long says."""
+        from .generation import context_length
+
+        context = context_length(model)
+        return {"max_new_tokens": self.max_new_tokens,
+                "max_length": self.max_length if context is None else min(self.max_length, context)}
 
     def check_resumable(self, out: Path) -> None:
         pass  # nothing of its own in the run directory: a step's rollouts are sampled again, seeded

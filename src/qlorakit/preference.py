@@ -238,8 +238,8 @@ class PreferenceObjective:
     def check_examples(self, examples) -> None:
         pass  # the format check (check_format) is all
 
-    def data_options(self) -> dict:
-        return {}  # load_data's defaults
+    def data_options(self, model) -> dict:
+        return {}  # the config's
 
     def collect(self, model, batches: list, step: int) -> tuple[list, dict]:
         return batches, {}  # the data's micro-batches of pairs are what the step trains on

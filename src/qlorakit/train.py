@@ -90,8 +90,8 @@ class LanguageModeling:
     def check_examples(self, examples) -> None:
         pass  # the format check (check_format) is all
 
-    def data_options(self) -> dict:
-        return {}  # load_data's defaults
+    def data_options(self, model) -> dict:
+        return {}  # the config's
 
     def prepare(self, *args, **kwargs):
         return None  # nothing to compute before training
@@ -444,8 +444,9 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
     pad_id = pad_id_of(tokenizer)
 
     # 2. The data: examples -> token ids and labels (streamed: as the loop needs them).
-    data = load_data(examples, tokenizer, max_length=cfg.max_length, train_on=cfg.train_on, on_long=cfg.on_long,
-                     parse_special_tokens=cfg.parse_special_tokens, **objective.data_options())
+    settings = dict(max_length=cfg.max_length, train_on=cfg.train_on, on_long=cfg.on_long,
+                    parse_special_tokens=cfg.parse_special_tokens)
+    data = load_data(examples, tokenizer, **(settings | objective.data_options(model)))
     log(f"data: {cfg.data} ({data.format}): {data.describe()}"
         + (f"; {len(data.validation)} held out for evaluation" if data.validation else ""))
     for skipped in data.report.skipped_rows[:5]:
