@@ -29,10 +29,10 @@ def test_every_shell_command_uses_the_venv_entry_point():
 
 def test_default_outputs_are_ignored_by_git():
     """Running the README's commands in a clone leaves `git status` clean: the default outputs are ignored."""
-    from qlorakit.config import PreferenceConfig, TrainConfig
-    from qlorakit.demo import DEMO_SETTINGS, PREFERENCE_SETTINGS
+    from qlorakit.config import GRPOConfig, PreferenceConfig, TrainConfig
+    from qlorakit.demo import DEMO_SETTINGS, GRPO_SETTINGS, PREFERENCE_SETTINGS
 
     ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
     for output in (DEMO_SETTINGS["output"], TrainConfig().output, PREFERENCE_SETTINGS["output"],
-                   PreferenceConfig().output):
+                   PreferenceConfig().output, GRPO_SETTINGS["output"], GRPOConfig().output):
         assert f"/{output}/" in ignored, output
