@@ -1,38 +1,50 @@
-"""Online RL: `qlorakit grpo` against the HF stack (TRL GRPOTrainer + PEFT + bitsandbytes), side by side, each in its
-own process.
+"""Online RL: `qlorakit grpo` against TRL's GRPOTrainer — as qlorakit guards it (qlorakit.GRPOTrainer) and as the HF
+stack runs it (TRL + PEFT + bitsandbytes) —, side by side, each in its own process.
 
-    python bench/grpo.py                                   # the default workload, CPU
+    python bench/grpo.py                                   # the default workload, CPU, every side
     python bench/grpo.py --steps 2 --warmup 1 --group-size 4 --max-new-tokens 16   # shorter
     python bench/grpo.py --only hf                         # one side only
+    python bench/grpo.py --only qlorakit qlorakit-trl      # some (qlorakit, qlorakit-trl, hf, hf-no-checkpointing)
 
 Default workload: SmolLM2-135M-Instruct (the default model), NF4 + double quantization, LoRA r=16 alpha=32 on all
-linear layers, the same compute dtype on both sides (`auto`: what qlorakit resolves to here, see `qlorakit
+linear layers, the same compute dtype on every side (`auto`: what qlorakit resolves to here, see `qlorakit
 precision`). The prompts are the built-in task's (qlorakit.demo: "Extract the person as name|age|job|city." and a
 sentence), each a one-turn chat; the reward is this file's `record_reward`, per-field partial credit against the
 row's `record` ("name|age|job|city": 1 for a field in its place, 1/2 for its value elsewhere in the answer), the
-same function on both sides (qlorakit reads it as the reward spec `bench.grpo:record_reward`, TRL through
-`trl_record_reward`, which only adapts TRL's calling convention). Per step:
-4 prompts x 8 sampled completions (group size) of at most 32 new tokens, temperature 1, TRL's defaults for the
-objective (loss dapo, beta 0: no reference pass, epsilon 0.2, rewards scaled by each group's std), learning rate
-1e-4 with a linear schedule and no warmup; 1 warm-up step, then 4 timed ones.
+same function on every side (qlorakit reads it as the reward spec `bench.grpo:record_reward`; qlorakit's TRL side
+gets that same spec's Reward through qlorakit.rewards.as_trl; the HF stack calls `trl_record_reward`, which only
+adapts TRL's calling convention). Per step: 4 prompts x 8 sampled completions (group size) of at most 32 new tokens,
+temperature 1, TRL's defaults for the objective (loss dapo, beta 0: no reference pass, epsilon 0.2, rewards scaled
+by each group's std), learning rate 1e-4 with a linear schedule and no warmup; 1 warm-up step, then 4 timed ones.
 
-Sides: qlorakit.train_grpo (the Python API of `qlorakit grpo`), on a model from qlorakit.load; TRL's GRPOTrainer as
-its documentation runs QLoRA — the model loaded by transformers with a BitsAndBytesConfig, a LoraConfig given to the
-trainer (which wraps the model with PEFT and casts the adapters to bf16), TRL's defaults otherwise (gradient
-checkpointing on, transformers' generate) but for the prompts' order, which is qlorakit's (one epoch, read in
-sequence); and the same with gradient checkpointing off, as qlorakit runs by default.
+Sides (the names --only takes):
+- qlorakit: qlorakit.train_grpo (the Python API of `qlorakit grpo`), on a model from qlorakit.load.
+- qlorakit-trl: TRL's GRPOTrainer as qlorakit guards it, `qlorakit.GRPOTrainer(model, reward_funcs,
+  args=GRPOConfig(...), train_dataset=..., processing_class=tokenizer)` (README: "TRL's trainers, kept in the
+  policy"), on a model from qlorakit.load + qlorakit.add_lora (no peft_config: adapters TRL creates would be rounded
+  to bf16 before the guard could restore them), the reward as qlorakit.rewards.as_trl gives it (each row's line for
+  its error messages in the WHERE_COLUMN column), hf's GRPOConfig.
+- hf: TRL's GRPOTrainer as its documentation runs QLoRA — the model loaded by transformers with a
+  BitsAndBytesConfig, a LoraConfig given to the trainer (which wraps the model with PEFT and casts the adapters to
+  bf16).
+- hf-no-checkpointing: hf with gradient checkpointing off, as qlorakit runs by default.
+The TRL sides run TRL's defaults (gradient checkpointing on but in hf-no-checkpointing, transformers' generate) but
+for the prompts' order, which is qlorakit's (one epoch, read in sequence), so that every side's step k samples
+answers to the same prompts.
 
 Reported per side: generation tokens per second (completion tokens sampled / seconds generating), training tokens
 per second (tokens of the sequences trained on, prompt + completion, no padding / seconds of the rest of the step:
 rewards, reference and policy passes, optimizer), seconds per step end to end — all over the timed steps —, the peak
-RSS of the side's process (ru_maxrss, read the same way for both: os.wait4 on the child), its wall time, the mean
-training reward over the last steps, and the mean reward of greedy answers to the same held-out prompts, scored the
-same way, before and after training (both computed by this file with transformers' generate on the side's model).
+RSS of the side's process (ru_maxrss, read the same way for every side: os.wait4 on the child), its wall time, the
+mean training reward over the last steps, and the mean reward of greedy answers to the same held-out prompts, scored
+the same way, before and after training (all computed by this file with transformers' generate on the side's model;
+"before" is the base, before any adapter). Then the ratios of qlorakit grpo to each other side (step speed-up:
+the side's seconds per step / qlorakit's; memory: qlorakit's peak / the side's).
 qlorakit's numbers come from its metrics.jsonl (generation_s, rollout_tokens_per_s, tokens, tokens_per_s: the step's
-seconds, reward); TRL's are measured around its generation call and its steps. The sequences trained on: TRL's are
-every completion's; qlorakit's leave out those of groups whose rewards were all equal (advantage 0) when beta is 0,
-so its training tokens/s counts fewer tokens than it was given, and seconds per step is the like-for-like figure.
-The JSON (--json) also holds each step's reward, loss, gradient norm and mean completion length.
+seconds, reward); the TRL sides' are measured around TRL's generation call and its steps. The sequences trained on:
+TRL's are every completion's; qlorakit's leave out those of groups whose rewards were all equal (advantage 0) when
+beta is 0, so its training tokens/s counts fewer tokens than it was given, and seconds per step is the like-for-like
+figure. The JSON (--json) also holds each step's reward, loss, gradient norm and mean completion length.
 
 Sampling differs between the sides (each draws from its own random stream), so per-step rewards do not compare one
 to one; the held-out reward after training and the training reward's trend do.
@@ -203,24 +215,66 @@ def _metrics_file(out: Path) -> list[dict]:
 
 
 def _side_hf(args, data: Path, heldout: list[dict]) -> dict:
-    """TRL's GRPOTrainer, in this process (the children `--worker hf` and `--worker hf-no-checkpointing` run it)."""
-    import torch
-    from datasets import Dataset
+    """TRL's GRPOTrainer, in this process (the children `--worker hf` and `--worker hf-no-checkpointing` run it):
+    transformers + bitsandbytes load the base, PEFT adds the adapters TRL is given as a LoraConfig."""
     from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
     from workload import hf_stack_base
 
-    from qlorakit.data.batches import epoch_order
     from qlorakit.precision import Precision
 
     _threads()
     dtype = Precision.resolve(args.dtype, device=args.device).compute  # what qlorakit's --dtype resolves to
     model, tokenizer = hf_stack_base(args.model, dtype, args.device)
     before = heldout_reward(model, tokenizer, heldout, args.max_new_tokens, dtype)
+    return _trl_side(
+        args, data, heldout, GRPOTrainer, model, tokenizer, dtype, before, reward_funcs=trl_record_reward,
+        peft_config=LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules="all-linear", task_type="CAUSAL_LM"),
+        gradient_checkpointing=args.worker != "hf-no-checkpointing",
+    )
+
+
+def _side_qlorakit_trl(args, data: Path, heldout: list[dict]) -> dict:
+    """TRL's GRPOTrainer as qlorakit guards it (qlorakit.GRPOTrainer), in this process (the child `--worker
+    qlorakit-trl` runs it): the model from qlorakit.load + add_lora (no peft_config: adapters TRL creates would be
+    rounded to bf16 before the guard could restore them), the reward through qlorakit.rewards.as_trl — the very
+    Reward the native side builds from the same spec."""
+    import qlorakit
+    from qlorakit.precision import precision_of
+    from qlorakit.rewards import as_trl, parse_rewards
+
+    _threads()
+    rewards = parse_rewards([args.reward_spec])  # imported before the model loads, as `qlorakit grpo` does
+    model, tokenizer = qlorakit.load(args.model, quant="nf4", double_quant=True, dtype=args.dtype,
+                                     device=args.device)
+    dtype = precision_of(model).compute
+    before = heldout_reward(model, tokenizer, heldout, args.max_new_tokens, dtype)  # the base, as the native side
+    model = qlorakit.add_lora(model, rank=args.rank, alpha=args.alpha)
+    # TRL's own rule for a completion that ended (its clipped_ratio): the last id is an EOS (the tokenizer's or the
+    # generation config's) or the pad id
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id, *_ids(model.generation_config.eos_token_id)} - {None}
+    return _trl_side(
+        args, data, heldout, qlorakit.GRPOTrainer, model, tokenizer, dtype, before,
+        reward_funcs=as_trl(rewards, args.max_new_tokens, eos_token_ids=ends),
+        reward_weights=[r.weight for r in rewards], gradient_checkpointing=True,
+    )
+
+
+def _trl_side(args, data: Path, heldout: list[dict], trainer_class, model, tokenizer, dtype, before: dict, *,
+              reward_funcs, gradient_checkpointing: bool, peft_config=None, reward_weights=None) -> dict:
+    """Train with `trainer_class` (trl.GRPOTrainer or qlorakit.GRPOTrainer) under the same GRPOConfig — TRL's
+    defaults but for the workload's settings and the prompts' order —, timing its generation calls and its steps."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+
+    from qlorakit.data.batches import epoch_order
+    from qlorakit.rewards import WHERE_COLUMN
+
     steps: list[dict] = []  # per optimizer step
 
-    class Counting(GRPOTrainer):
+    class Counting(trainer_class):
         def _generate_single_turn(self, *a, **k):
             started = time.perf_counter()
             completion_ids, logprobs = super()._generate_single_turn(*a, **k)
@@ -245,21 +299,20 @@ def _side_hf(args, data: Path, heldout: list[dict]) -> dict:
         num_generations=args.group_size, max_completion_length=args.max_new_tokens, temperature=args.temperature,
         top_p=1.0, top_k=0, beta=args.beta, loss_type=args.loss, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
         # qlorakit's dr_grpo leaves the rewards unscaled (Dr. GRPO); TRL's dr_grpo loss alone still scales them
-        scale_rewards="none" if args.loss == "dr_grpo" else "group",
+        scale_rewards="none" if args.loss == "dr_grpo" else "group", reward_weights=reward_weights,
         max_steps=args.warmup + args.steps, learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0,
         logging_steps=1, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=args.device == "cpu",
         report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-        shuffle_dataset=False, gradient_checkpointing=args.worker != "hf-no-checkpointing",
+        shuffle_dataset=False, gradient_checkpointing=gradient_checkpointing,
     )
     # The prompts in the order qlorakit's run takes them (the bench's data are one epoch), read in sequence, so that
-    # both sides' step k samples answers to the same prompts
-    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    # every side's step k samples answers to the same prompts. Each row keeps its line as qlorakit's reward errors
+    # name it (as_trl reads WHERE_COLUMN; trl_record_reward takes it in **kwargs and ignores it).
+    rows = [json.loads(line) | {WHERE_COLUMN: f"{data} line {number}"}
+            for number, line in enumerate(data.read_text().splitlines(), 1)]
     rows = [rows[i] for i in epoch_order(len(rows), 0, seed=0)]
-    trainer = Counting(
-        model=model, reward_funcs=trl_record_reward, args=config, train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer, callbacks=[Clock()],
-        peft_config=LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
+    trainer = Counting(model=model, reward_funcs=reward_funcs, args=config, train_dataset=Dataset.from_list(rows),
+                       processing_class=tokenizer, callbacks=[Clock()], peft_config=peft_config)
     trainer.train()
     logged = [r for r in trainer.state.log_history if "reward" in r]
     for step, record in zip(steps, logged, strict=True):
@@ -292,9 +345,10 @@ def _summary(args, steps: list[dict], before: dict, after: dict, dtype) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the driver
 
-WORKERS = {"qlorakit": _side_qlorakit, "hf": _side_hf, "hf-no-checkpointing": _side_hf}
-LABELS = {"qlorakit": "qlorakit grpo", "hf": "HF stack (TRL defaults)",
-          "hf-no-checkpointing": "HF stack, no grad checkpointing"}
+WORKERS = {"qlorakit": _side_qlorakit, "qlorakit-trl": _side_qlorakit_trl, "hf": _side_hf,
+           "hf-no-checkpointing": _side_hf}
+LABELS = {"qlorakit": "qlorakit grpo", "qlorakit-trl": "qlorakit.GRPOTrainer (TRL)",
+          "hf": "HF stack (TRL defaults)", "hf-no-checkpointing": "HF stack, no grad checkpointing"}
 
 
 def _parser():

@@ -133,5 +133,8 @@ def test_the_grpo_demo_runs_as_a_users_grpo_run(cache, tmp_path):
     records = result["run"].metrics
     assert [r["step"] for r in records if "generation_s" in r] == [1, 2]
     assert any(line.startswith("held-out mean reward before training: ") for line in lines), lines
+    card = (tmp_path / "demo" / "README.md").read_text()
+    assert (f"| held-out mean reward, greedy (step 2) | {result['after']['reward']:.3f}; "
+            f"{result['before']['reward']:.3f} before training |") in card
     assert any(f"qlorakit eval --adapter {tmp_path / 'demo'} --data {heldout} --reward qlorakit.demo:record_reward"
                in line for line in lines), lines

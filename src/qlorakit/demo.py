@@ -322,6 +322,7 @@ def run_grpo_demo(log=print, progress: bool = True, n_heldout: int = 60, overwri
     "run": the RunResult}."""
     from .config import GRPOConfig
     from .grpo import train_grpo
+    from .model_card import add_results
 
     started = time.perf_counter()
     config, model, tokenizer = _demo_model(GRPOConfig, GRPO_SETTINGS, overrides, overwrite)
@@ -333,6 +334,7 @@ def run_grpo_demo(log=print, progress: bool = True, n_heldout: int = 60, overwri
     log(f"held-out mean reward before training: {before['reward']:.3f} ({before['prompts']} prompts, greedy)")
     result = train_grpo(config, loaded=(model, tokenizer), overwrite=overwrite, log=log, progress=progress)
     after = result.eval
+    add_results(result.output, {"eval_reward_before": before["reward"]})  # into metrics.jsonl and the model card
     seconds = time.perf_counter() - started
     log(f"held-out mean reward after training:  {after['reward']:.3f} (before: {before['reward']:.3f})")
     log(f"adapter (PEFT format) written to {result.output.resolve()} in {seconds:.0f} s; measure it on the held-out "

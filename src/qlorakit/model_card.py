@@ -56,20 +56,26 @@ def adapter_card(config: dict, record: dict, directory, base_dir) -> str:
 
 def add_exact_match(directory, after: dict, before: dict | None = None) -> None:
     """Record held-out exact match measured after a run (evaluate.exact_match's result; `before`: the base's, when
-    measured) in the run `directory`: a line of its metrics.jsonl, so every later card (merge's too) reports it,
-    and its README.md written again with it, under the run directory's lock (as any run's writes). The card's
-    metadata stays as written at the end of training; a README.md that is not qlorakit's card (replaced by hand) is
-    left as it is."""
+    measured) in the run `directory` (add_results)."""
+    line = {"exact_match": after["accuracy"], "exact_match_correct": after["correct"],
+            "exact_match_total": after["total"]}
+    if before is not None:
+        line["exact_match_before"] = before["accuracy"]
+    add_results(directory, line)
+
+
+def add_results(directory, results: dict) -> None:
+    """Record results measured outside a run (held-out exact match; the base's held-out reward, before a GRPO run)
+    in the run `directory`: a line of its metrics.jsonl at its last step, so every later card (merge's too) reports
+    them, and its README.md written again with them, under the run directory's lock (as any run's writes). The
+    card's metadata stays as written at the end of training; a README.md that is not qlorakit's card (replaced by
+    hand) is left as it is."""
     from .outputs import append_line, atomic_write_text, claim_run_directory
 
     directory = Path(directory)
     with claim_run_directory(directory, resume=True):  # (resume: the run's files are kept, not replaced)
         metrics = read_metrics(directory / "metrics.jsonl")
-        step = max((r.get("step", 0) for r in metrics), default=0)
-        line = {"step": step, "exact_match": after["accuracy"], "exact_match_correct": after["correct"],
-                "exact_match_total": after["total"]}
-        if before is not None:
-            line["exact_match_before"] = before["accuracy"]
+        line = {"step": max((r.get("step", 0) for r in metrics), default=0)} | results
         append_line(directory / "metrics.jsonl", json.dumps(line))
         front = _card_metadata(directory)
         if front is not None:
@@ -378,7 +384,8 @@ def _results(metrics: list[dict]) -> list[str]:
     rewarded = [r for r in metrics if "eval_reward" in r]
     if rewarded:
         last = rewarded[-1]
-        before = f"; {last['eval_reward_before']:.3f} before training" if "eval_reward_before" in last else ""
+        base = [r["eval_reward_before"] for r in metrics if "eval_reward_before" in r]
+        before = f"; {base[-1]:.3f} before training" if base else ""
         rows.append(f"| held-out mean reward, greedy (step {last['step']}) | {last['eval_reward']:.3f}{before} |")
     if not rows:
         return ["No metrics were recorded with this adapter (no metrics.jsonl beside it)."]
