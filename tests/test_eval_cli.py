@@ -298,7 +298,7 @@ def test_prompt_eval_prints_the_mean_reward_mean_reward_gives(adapter, prompts, 
     width = max(map(len, SPECS))
     assert printed[1:4] == [f"  {spec:<{width}}  {scored['rewards'][spec]: .4f}  (weight {w:g})"
                             for spec, w in zip(SPECS, WEIGHTS)]
-    assert printed[4] == "  (1 dropped: longer than the 18 tokens --max-length 24 leaves beside --max-new-tokens 6)"
+    assert printed[4] == "  (1 dropped: longer than the 18 tokens max_length 24 leaves beside max_new_tokens 6)"
     assert len(printed) == 6 and loads == [1]
     assert [item.where for item in data.train] == [f"prompts.jsonl line {i}" for i in (1, 2, 3, 5, 6)]
 
@@ -342,8 +342,8 @@ def test_prompt_eval_shows_the_lowest_rewards_first(adapter, prompts, direct, ca
 def test_every_prompt_too_long_is_an_error_naming_the_limit(adapter, prompts, capsys, loads):
     assert _eval(adapter, prompts, "--reward", "truncated", "--max-new-tokens", "6", "--max-length", "8") == 2
     assert capsys.readouterr().err.strip() == (  # (the shortest prompts are 3 tokens: the tiny tokenizer adds no BOS)
-        f"qlorakit: error: {prompts}: nothing to evaluate — all 6 prompts are longer than the 2 tokens --max-length "
-        "8 leaves beside --max-new-tokens 6; raise --max-length or lower --max-new-tokens")
+        f"qlorakit: error: {prompts}: nothing to evaluate — all 6 prompts are longer than the 2 tokens max_length "
+        "8 leaves beside max_new_tokens 6; raise --max-length or lower --max-new-tokens")
     assert loads == [1]  # (the tokenizer counts a prompt's tokens)
 
 

@@ -511,7 +511,7 @@ def test_collect_turns_prompts_into_scored_rollouts(policy, files):
     def objective_of(beta):
         objective = GRPOObjective(parse_rewards([_spec(files)]), group_size=g, max_new_tokens=max_new, beta=beta,
                                   seed=3)
-        objective.prepare(model, tokenizer, None, 0, SimpleNamespace(batch_size=2, grad_accum=2), None, None,
+        objective.prepare(model, tokenizer, None, 0, SimpleNamespace(batch_size=2, grad_accum=2, packing=True, adapter=None), None, None,
                           False, None, lambda *a: None)
         return objective
 
@@ -542,7 +542,8 @@ def test_collect_turns_prompts_into_scored_rollouts(policy, files):
     mean = sum(rewards) / n
     assert metrics["reward"] == pytest.approx(mean, abs=1e-6)
     assert metrics[f"reward/{_spec(files)}"] == pytest.approx(mean, abs=1e-6)
-    assert metrics["reward_std"] == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in rewards) / n), abs=1e-6)
+    unbiased = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))  # (as TRL's reward_std)
+    assert metrics["reward_std"] == pytest.approx(unbiased, abs=1e-6)
     assert metrics["completion_length"] == pytest.approx(sum(lengths) / n, abs=1e-6)
     assert metrics["truncated"] == pytest.approx(sum(truncated) / n, abs=1e-6)
     assert metrics["zero_std_groups"] == pytest.approx(flat_groups / 4, abs=1e-6)
@@ -905,10 +906,20 @@ def test_grpo_help_lists_its_flags_and_not_the_inapplicable_ones(capsys):
     for flag in ("--reward", "--reward-weights", "--group-size", "--max-new-tokens", "--temperature", "--beta",
                  "--loss", "--epsilon", "--epsilon-high", "--data", "--max-steps", "--resume"):
         assert flag in text, flag
-    flags = {option for action in _subcommand("grpo")._actions for option in action.option_strings}
+    import argparse
+
+    flags = {option for action in _subcommand("grpo")._actions for option in action.option_strings
+             if action.help != argparse.SUPPRESS}  # (train's flags that do not apply: hidden, refused with why)
     assert {"--reward", "--group-size", "--beta", "--epsilon-high"} <= flags
     for flag in ("--train-on", "--streaming", "--fsdp"):
         assert flag not in flags, flag
         assert f"  {flag}" not in text, flag  # (the description may name them: not as flags)
+    with pytest.raises(SystemExit) as e:
+        main(["grpo", "--fsdp"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "qlorakit grpo: error: --fsdp does not apply to GRPO: generation reads each layer's whole weights, which "
+        "FSDP shards across the processes; train on several processes without --fsdp (each holds the quantized "
+        "base); leave it out")
     with pytest.raises(SystemExit):
         main(["grpo", "--train-on", "all"])

@@ -240,7 +240,7 @@ def test_on_long_drop_keeps_prompts_up_to_the_limit(tokenizer):
     assert data.report.dropped_long == 1 and data.report.truncated == 0
     assert data.describe() == "2 prompts, 7 tokens, 1 dropped as too long"
     with pytest.raises(DataError, match=r"^data: nothing to train on — all 3 prompts were longer than the 2 tokens "
-                                        r"max_length leaves beside max_new_tokens; raise --max-length or lower "
+                                        r"max_length 8 leaves beside max_new_tokens 6; raise --max-length or lower "
                                         r"--max-new-tokens$"):
         _load(LENGTHS, tokenizer, max_length=8, max_new_tokens=6)
 

@@ -340,13 +340,19 @@ def check_world(out: Path, saved: dict, config, world: int) -> None:
 
 def _setting(key: str, value):
     """A setting as a resume compares it: --field by the mapping it gives (flags in another order, or a YAML mapping,
-    name the same columns)."""
+    name the same columns), --reward-weights by the numbers it gives."""
     if key == "field":
         from .config import parse_field_map
 
         try:
             return parse_field_map(value)
         except ConfigError:
+            return value
+    if key == "reward_weights" and value is not None:  # "1,0.5", "1, .5" and [1, 0.5] are the same weights
+        parts = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        try:
+            return [float(part) for part in parts]
+        except (TypeError, ValueError):
             return value
     return value
 

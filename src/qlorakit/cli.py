@@ -285,10 +285,10 @@ def _eval_prompts(args, prompts, report, answers_file) -> tuple[dict, int, tuple
     and counted, as GRPO's data drops it. Returns the results, the answers written and their fields."""
     import json
 
-    from .data.prompts import check_lengths, prompt_tokenizer
+    from .data.prompts import check_lengths, limit_words, prompt_tokenizer
     from .errors import DataError
     from .evaluate import REWARD_ANSWER_FIELDS, mean_reward
-    from .generation import Generator
+    from .generation import Generator, context_length
     from .rewards import check_rows, parse_rewards
 
     # Refused before the model loads: no way to score the answers, the rewards (their specs and weights; a user
@@ -303,15 +303,16 @@ def _eval_prompts(args, prompts, report, answers_file) -> tuple[dict, int, tuple
                           "--no-exact-match")
     rewards = parse_rewards(args.reward, args.reward_weights)
     check_rows(rewards, [p.row for p in prompts], [p.where for p in prompts])
-    limit = check_lengths(args.max_length, args.max_new_tokens, "drop")
+    check_lengths(args.max_length, args.max_new_tokens, "drop")
     model, tokenizer = _load_with_adapter(args)
-    fit = prompt_tokenizer(tokenizer, args.max_length, args.max_new_tokens, "drop", report, args.parse_special_tokens)
+    context = context_length(model)  # (past it generation is refused: such prompts are dropped too)
+    fit = prompt_tokenizer(tokenizer, args.max_length, args.max_new_tokens, "drop", report, args.parse_special_tokens,
+                           context)
     items = [item for item in map(fit, prompts) if item is not None]
-    dropped = (f"longer than the {limit} tokens --max-length {args.max_length} leaves beside --max-new-tokens "
-               f"{args.max_new_tokens}")
+    limit, why, fix = limit_words(args.max_length, args.max_new_tokens, context)
+    dropped = f"longer than the {limit} tokens {why}"
     if not items:
-        raise DataError(f"{args.data}: nothing to evaluate — all {report.dropped_long} prompts are {dropped}; raise "
-                        "--max-length or lower --max-new-tokens")
+        raise DataError(f"{args.data}: nothing to evaluate — all {report.dropped_long} prompts are {dropped}; {fix}")
     scored = mean_reward(Generator(model, tokenizer), items, rewards, args.max_new_tokens)
     result = {"data": args.data, "prompts": scored["prompts"], "dropped_long": report.dropped_long,
               "reward": scored["reward"], "rewards": scored["rewards"]}
@@ -470,6 +471,17 @@ def _default_text(f: dataclasses.Field) -> str:
     return f" (default {shown}: {note})" if note else f" (default {shown})"
 
 
+class _NotApplicable(argparse.Action):
+    """A flag of `qlorakit train` that another training command does not have: refused, saying why."""
+
+    def __init__(self, *args, reason: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} {self.reason}")
+
+
 def add_train_flags(p: argparse.ArgumentParser, config_class: type = TrainConfig) -> None:
     """One flag per field of `config_class` (TrainConfig, or PreferenceConfig less its NOT_APPLICABLE fields), from
     its declaration: --max-length for max_length, typed by its annotation, with its choices and help, under its
@@ -478,7 +490,11 @@ def add_train_flags(p: argparse.ArgumentParser, config_class: type = TrainConfig
     groups, group = {}, p
     skipped = getattr(config_class, "NOT_APPLICABLE", {})
     for f in dataclasses.fields(config_class):
-        if f.name in skipped:
+        if f.name in skipped:  # not in the help; given anyway, it is refused with the reason
+            flag = "--" + f.name.replace("_", "-")
+            flags = [flag, "--no-" + f.name.replace("_", "-")] if "bool" in value_kinds(f) else [flag]
+            p.add_argument(*flags, nargs="?", action=_NotApplicable, help=argparse.SUPPRESS,
+                           reason=f"does not apply to {config_class.KIND}: {skipped[f.name]}; leave it out")
             continue
         if f.metadata["heading"]:
             heading = f.metadata["heading"]

@@ -381,14 +381,17 @@ class GRPOConfig(TrainConfig):
                        "tokens (TRL's default); grpo, each completion's token mean, then over completions; dr_grpo, "
                        "the sum / (completions x max_new_tokens), advantages not divided by the group's std",
                        choices=GRPO_LOSSES)
-    beta: float = option(0.0, "KL penalty towards the base (the model with adapters off; 0: none, and no reference "
-                         "forward)")
+    beta: float = option(0.0, "KL penalty towards the model as the run starts: the base (fresh adapters), or the "
+                         "--adapter continued (0: none, and no reference forward)")
     epsilon: float = option(0.2, "clipping of the policy ratio: [1 - epsilon, 1 + epsilon_high]")
     epsilon_high: float | None = option(None, "the upper clip (DAPO: 0.28)", default_note="epsilon")
 
     def validate(self, where: str = "config") -> None:
         if isinstance(self.reward, str):  # a YAML `reward: exact:answer`
             self.reward = [self.reward]
+        if self.reward is not None and not isinstance(self.reward, list):  # before the type checks' wording
+            raise ConfigError(f"{where}: reward={show(self.reward)}: give one or more reward specs as strings (a "
+                              "YAML list of them, or --reward SPEC repeated), e.g. exact:answer")
         super().validate(where)
         if self.format not in ("auto", "prompt"):
             raise ConfigError(f"{where}: format={show(self.format)}: GRPO reads prompts ({{\"prompt\": ...}}); use "
@@ -396,9 +399,10 @@ class GRPOConfig(TrainConfig):
         if self.on_long not in ("drop", "error"):
             raise ConfigError(f"{where}: on_long={show(self.on_long)}: a prompt is never truncated (that would cut "
                               "its instruction); use drop or error")
-        if self.reward is not None and (not self.reward or not all(isinstance(s, str) for s in self.reward)):
-            raise ConfigError(f"{where}: reward={show(self.reward)}: give one or more reward specs, e.g. "
-                              "--reward exact:answer")
+        if self.reward is not None and (not isinstance(self.reward, list) or not self.reward
+                                        or not all(isinstance(s, str) for s in self.reward)):
+            raise ConfigError(f"{where}: reward={show(self.reward)}: give one or more reward specs as strings (a "
+                              "YAML list of them, or --reward SPEC repeated), e.g. exact:answer")
         if self.loss not in GRPO_LOSSES:
             raise ConfigError(f"{where}: loss={show(self.loss)} is not a GRPO loss; use one of {', '.join(GRPO_LOSSES)}")
         if self.group_size < 2:

@@ -16,11 +16,11 @@ several — with this module's objective in place of the language-modelling loss
    with beta = 0 its completions skip the forward altogether — they are still counted in the loss's normalisers,
    so the loss and its gradient are those of the whole batch.
 3. **The policy's log-probabilities** of the completions come from one packed forward over prompt + completion
-   sequences on the fast path (loss.token_logps from the hidden states, logits / temperature as sampled). Per
+   sequences (right-padded rows with --no-packing) on the fast path (loss.token_logps from the hidden states, logits / temperature as sampled). Per
    completion token t, with ratio = exp(logp - logp_old) (logp_old the same values, detached: one update per
    rollout) and A the completion's advantage:
        loss_t = -min(ratio·A, clip(ratio, 1 - epsilon, 1 + epsilon_high)·A) + beta·KL_t,
-       KL_t = exp(ref - logp) - (ref - logp) - 1      (the k3 estimator; ref: the model with adapters off)
+       KL_t = exp(ref - logp) - (ref - logp) - 1      (the k3 estimator; ref: the model as the run starts)
    averaged as --loss says: grpo, each completion's token mean, then the mean over completions; dapo, the mean over
    all completion tokens; dr_grpo, the sum over tokens / (completions x max_new_tokens) — over the step's
    completions on every process together.
@@ -32,6 +32,7 @@ several — with this module's objective in place of the language-modelling loss
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .config import GRPOConfig
-from .data.batches import Batch, collate, placeholder
+from .data.batches import Batch, collate_sequences, placeholder
 from .data.tokenize import IGNORE_INDEX, Tokenized
 from .errors import ConfigError
 from .precision import LOSS_DTYPE, precision_of
@@ -111,6 +112,8 @@ class GRPOObjective:
         self.epsilon = epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.generator = None  # set by prepare, once the model is loaded
+        self.packed = True  # rollouts packed into one row (prepare: the config's --packing)
+        self.starting_adapter = None  # (prepare: a continued --adapter's starting weights, the KL reference)
         self.max_length = 1024  # a sequence's longest: prompt and completion (the config's, set by `of`)
 
     @classmethod
@@ -125,6 +128,12 @@ class GRPOObjective:
                         config.max_new_tokens, config.temperature, config.top_p, config.top_k, config.loss,
                         config.beta, config.epsilon, config.epsilon_high, config.seed)
         objective.max_length = config.max_length
+        for reward in objective.rewards:  # overlong:N penalises the N tokens before max_new_tokens
+            margin = getattr(reward, "margin", None)
+            if margin is not None and margin >= config.max_new_tokens:
+                raise ConfigError(f"--reward {reward.spec}: the penalty would start {margin} tokens before "
+                                  f"--max-new-tokens {config.max_new_tokens}, at or before the first token, so every "
+                                  f"completion is penalised; use overlong:N with N below {config.max_new_tokens}")
         return objective
 
     # ---- before the model loads, and before training
@@ -141,9 +150,7 @@ class GRPOObjective:
         generation is refused mid-run): those that do not are dropped (counted) or refused, as --on-long says."""
         from .generation import context_length
 
-        context = context_length(model)
-        return {"max_new_tokens": self.max_new_tokens,
-                "max_length": self.max_length if context is None else min(self.max_length, context)}
+        return {"max_new_tokens": self.max_new_tokens, "context": context_length(model)}
 
     def check_resumable(self, out: Path) -> None:
         pass  # nothing of its own in the run directory: a step's rollouts are sampled again, seeded
@@ -154,6 +161,14 @@ class GRPOObjective:
         from .generation import Generator
 
         self.model, self.tokenizer, self.pad_id, self.processes = model, tokenizer, pad_id, processes
+        self.packed = cfg.packing
+        # The KL reference is the model as the run starts: fresh adapters add nothing (B = 0), so that is the base,
+        # computed with the adapters switched off; an adapter continued with --adapter (an SFT run) is its own
+        # reference, as TRL's GRPOTrainer makes it: its starting weights are kept for the reference passes (before
+        # a --resume loads the checkpoint's).
+        self.starting_adapter = None
+        if self.beta and cfg.adapter is not None:
+            self.starting_adapter = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
         self.device = next(p.device for p in model.parameters())
         slots = max(cfg.batch_size * cfg.grad_accum * self.group_size, cfg.batch_size)
         self.generator = Generator(model, tokenizer, batch_size=slots)
@@ -198,10 +213,9 @@ class GRPOObjective:
             self._reference(out)
 
         lengths = [len(a.tokens) for a in answers]
-        sums = [len(answers), float(rewards.sum()), float((rewards ** 2).sum())]
+        sums = [len(answers), math.fsum(total), math.fsum(r * r for r in total)]  # (Python floats: no overflow)
         for spec in values:
-            column = torch.tensor(values[spec], dtype=LOSS_DTYPE)
-            sums += [float(column.sum()), float((column ** 2).sum())]
+            sums += [math.fsum(values[spec]), math.fsum(r * r for r in values[spec])]
         sums += [sum(lengths), sum(a.finish == "length" for a in answers), len(prompts), int(flat.sum()),
                  sum(lengths) / generation_s if answers else 0.0]
         if self.processes is not None and self.processes.distributed:
@@ -238,10 +252,10 @@ class GRPOObjective:
         for i in keep:
             prompt, completion = prompts[i // g].input_ids, answers[i].tokens
             items.append(Tokenized(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, prompts[i // g].where))
-        batch = collate(items, self.pad_id, packed=True)
-        owner = torch.tensor([[k for k, item in enumerate(items) for _ in item.input_ids]], dtype=torch.long)
-        return RolloutBatch(batch.input_ids, batch.labels, batch.position_ids, None, sequences=owner,
-                            advantages=advantages[keep].clone(), completions=completions, completion_tokens=tokens)
+        batch = collate_sequences(items, self.pad_id, self.packed)
+        return RolloutBatch(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask,
+                            sequences=batch.sequences, advantages=advantages[keep].clone(), completions=completions,
+                            completion_tokens=tokens)
 
     @torch.no_grad()
     def _reference(self, batches: list[RolloutBatch]) -> None:
@@ -254,7 +268,7 @@ class GRPOObjective:
         was_training = model.training
         model.eval()
         try:
-            with base_only(model):
+            with base_only(model) if self.starting_adapter is None else self._started():
                 for batch in batches:
                     if batch.placeholder:
                         continue
@@ -264,6 +278,19 @@ class GRPOObjective:
                     batch.reference = logps.detach()
         finally:
             model.train(was_training)
+
+    @contextlib.contextmanager
+    def _started(self):
+        """The adapters holding their starting weights (the reference of a continued --adapter), put back after."""
+        now = [(p, p.detach().clone()) for p, _ in self.starting_adapter]
+        with torch.no_grad():
+            try:
+                for p, start in self.starting_adapter:
+                    p.copy_(start)
+                yield
+            finally:
+                for p, value in now:
+                    p.copy_(value)
 
     def counts(self, batch) -> list[float]:
         """What the step's loss is divided by, summed over its micro-batches and processes: completions, and their
@@ -314,11 +341,11 @@ class GRPOObjective:
         n, reward, reward_sq, *rest = sums
         per_reward, rest = rest[:2 * len(self.rewards)], rest[2 * len(self.rewards):]
         lengths, truncated, groups, flat, rate = rest
+
+        def std(total, squares):  # unbiased, over the step's completions (TRL's reward_std)
+            return math.sqrt(max((squares - total * total / n) / (n - 1), 0.0)) if n > 1 else 0.0
+
         n = max(n, 1)
-
-        def std(total, squares):
-            return math.sqrt(max(squares / n - (total / n) ** 2, 0.0))
-
         out = {"reward": reward / n, "reward_std": std(reward, reward_sq)}
         for k, reward_fn in enumerate(self.rewards):
             total, squares = per_reward[2 * k], per_reward[2 * k + 1]

@@ -13,9 +13,10 @@
     truncated        -1.0 when the completion stopped at max_new_tokens without ending, else 0.0
     module:function  a function of yours, fn(prompts, completions, rows) -> one number per completion: parallel
                      lists of the prompts as the rows give them (a string or a list of messages), the completions
-                     (strings) and the rows' other fields (dicts, copies: changing them changes nothing). The module
-                     is imported with the current directory importable first, as `python -m` does.
-    path/to/file.py:function   the same, from a file.
+                     (strings) and the rows' other fields (dicts, copies: changing them changes nothing). The current
+                     directory is put first on sys.path and stays there, as `python -m` does: the module, and what
+                     it imports then or later (inside the function, while training), is found there.
+    path/to/file.py:function   the same, from a file; its directory stays on sys.path the same way.
 
 The built-in names are reserved: `exact:fn` is the exact reward of the field fn. A module of yours named like a
 built-in (exact.py) is reached by its file: `./exact.py:fn`.
@@ -23,8 +24,9 @@ built-in (exact.py) is reached by its file: `./exact.py:fn`.
 Rewards are weighted (`--reward-weights 1,0.5`, one per reward, 1 each by default); a completion's total reward is
 sum(weight * reward). Everything that can be checked before the model loads is: the specs and the weights
 (parse_rewards: user functions are imported there) and the fields the built-ins read (check_rows). A user function
-that raises, or returns something that is not one finite number per completion, stops training with a RewardError
-naming the reward, the row (its file and line) and the completion.
+that raises (or calls sys.exit), or returns something that is not one finite number per completion, stops training
+with a RewardError naming the reward, the row (its file and line) and the completion. So does a value, or a
+completion's weighted total, beyond FLOAT32_MAX: GRPO's rewards are float32 tensors, in which it would be infinite.
 
 No torch here: the specs are parsed and the rows checked before the heavy libraries load; a user function's tensors
 and numpy values are read through .tolist() / .item().
@@ -33,6 +35,7 @@ and numpy values are read through .tolist() / .item().
 from __future__ import annotations
 
 import copy
+import decimal
 import difflib
 import importlib
 import importlib.util
@@ -57,6 +60,9 @@ _TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")
 # The dataset column as_trl's functions read the rows' `where` from ("prompts.jsonl line 3"); not a row field.
 WHERE_COLUMN = "qlorakit_where"
 RELATIVE_TOLERANCE, ABSOLUTE_TOLERANCE = 1e-6, 1e-9
+# The largest float32, torch.finfo(precision.LOSS_DTYPE).max (tests/test_rewards.py checks it): GRPO puts the totals
+# into LOSS_DTYPE tensors, where a larger magnitude is infinite. Written out because this module imports no torch.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class RewardError(TrainingError):
@@ -69,6 +75,13 @@ def _clip(text, limit: int = 60) -> str:
     if not isinstance(text, str):
         return show(text)
     return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def _failure(error: BaseException) -> str:
+    """What a user's code did, as a message says it: "raised ValueError: 'its words'" or "called sys.exit(0)"."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({show(error.code) if error.code is not None else ''})"
+    return f"raised {type(error).__name__}: {show(str(error))}"
 
 
 def _span(wheres) -> str:
@@ -200,21 +213,22 @@ class _Function(Reward):
 
     def __call__(self, prompts, completions, rows, wheres, completion_tokens, finished, max_new_tokens):
         arguments = self._copies(prompts, completions, rows)
+        # Anything a user function raises is reported with its row; a sys.exit too (SystemExit is no Exception: it
+        # would end the run with its code, 0 for sys.exit(0), as if training had finished). An interrupt is not.
         try:
             result = self.fn(*arguments)
-        except Exception as error:  # noqa: BLE001 - anything a user function raises is reported, with its row
+        except (Exception, SystemExit) as error:  # noqa: BLE001
             for i, (prompt, completion, row) in enumerate(zip(prompts, completions, rows)):
                 arguments = self._copies([prompt], [completion], [row])
                 try:
                     self.fn(*arguments)
-                except Exception as single:  # noqa: BLE001
+                except (Exception, SystemExit) as single:  # noqa: BLE001
                     raise RewardError(
-                        f"reward {self.spec} raised {type(single).__name__}: {show(str(single))} on {wheres[i]} "
-                        f"(completion {_clip(completion)}); fix the function, or make it return 0.0 for completions "
-                        "it cannot score") from single
+                        f"reward {self.spec} {_failure(single)} on {wheres[i]} (completion {_clip(completion)}); "
+                        "fix the function, or make it return 0.0 for completions it cannot score") from single
             raise RewardError(
-                f"reward {self.spec} raised {type(error).__name__}: {show(str(error))} on the {len(completions)} "
-                f"completions of {_span(wheres)}, though on none of them alone; fix the function") from error
+                f"reward {self.spec} {_failure(error)} on the {len(completions)} completions of {_span(wheres)}, "
+                "though on none of them alone; fix the function") from error
         return self._values(result, completions, wheres)
 
     def _values(self, result, completions, wheres) -> list[float]:
@@ -236,23 +250,50 @@ class _Function(Reward):
             if value is None:
                 raise RewardError(f"reward {self.spec} returned {show(item)} ({type(item).__name__}) for {where} "
                                   f"(completion {_clip(completion)}); every value must be a finite number: an int, "
-                                  "a float, a numpy number or a 0-d tensor (for a bool, float(ok))")
+                                  "a float, a Decimal, a numpy number or a 0-d tensor (for a bool, float(ok))")
+            if value is _TOO_LARGE or abs(value) > FLOAT32_MAX:
+                raise RewardError(f"reward {self.spec} returned {_magnitude(item)} for {where} (completion "
+                                  f"{_clip(completion)}), which is too large: GRPO's rewards are float32, at most "
+                                  f"{FLOAT32_MAX:.4g} in magnitude; scale the reward down")
             values.append(value)
         return values
 
 
-def _as_number(item) -> float | None:
-    """A finite float from an int, float, numpy scalar or 0-d tensor/array; None for anything else (bools too:
-    a True is more often a bug than a reward of 1)."""
+_TOO_LARGE = object()  # _as_number's answer for a finite number past float range (an int of 400 digits)
+
+
+def _as_number(item):
+    """A finite float from an int, float, Decimal, numpy scalar or 0-d tensor/array; _TOO_LARGE for a finite one
+    that no float holds; None for anything else (bools too: a True is more often a bug than a reward of 1)."""
     if getattr(item, "ndim", None) == 0 and hasattr(item, "item"):
         item = item.item()
+    if isinstance(item, decimal.Decimal):  # not a numbers.Real, but as much a number as a float
+        if not item.is_finite():
+            return None
+        value = float(item)
+        return value if math.isfinite(value) else _TOO_LARGE  # Decimal("1e400") is finite, its float is not
     if isinstance(item, bool) or not isinstance(item, numbers.Real):
         return None
     try:
         value = float(item)
-    except (TypeError, ValueError, OverflowError):
+    except OverflowError:  # an int (or a Fraction) past float range
+        return _TOO_LARGE
+    except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def _magnitude(item) -> str:
+    """A too-large number as a message shows it: in scientific notation (an int's repr may be thousands of digits,
+    more than Python converts to text)."""
+    if getattr(item, "ndim", None) == 0 and hasattr(item, "item"):
+        item = item.item()
+    try:
+        if isinstance(item, numbers.Rational):  # an int or a Fraction, exactly
+            item = decimal.Decimal(item.numerator) / item.denominator
+        return f"{item.normalize():.4g}" if isinstance(item, decimal.Decimal) else f"{float(item):.4g}"
+    except (TypeError, ValueError, OverflowError, ArithmeticError):
+        return show(item)
 
 
 # ---------------------------------------------------------------------------------------------- numbers in text
@@ -349,25 +390,29 @@ def _builtin(spec: str) -> Reward:
     return _Overlong(spec, int(argument))
 
 
+def _importable(directory: str) -> None:
+    """Put `directory` first on sys.path, once, for good: as `python -m` keeps the current directory there. A reward
+    function may import a module of its own (a helper beside it) when it is called, long after it was loaded."""
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+
+
 def _import_module(spec: str, name: str):
-    # As `python -m`: the current directory first, so a reward module beside the data is found. Only the entry
-    # added is taken out afterwards (the module may add paths of its own).
+    # As `python -m`: the current directory first, so a reward module beside the data is found.
     here = os.getcwd()
     importlib.invalidate_caches()  # a module written since the last import must be seen
-    sys.path.insert(0, here)
+    _importable(here)
     try:
         return importlib.import_module(name)
+    except SystemExit as e:  # not an Exception: it would end qlorakit, quietly with sys.exit(0)
+        raise ConfigError(f"reward {spec!r}: importing module {name!r} {_failure(e)}; a reward module is imported, "
+                          "not run: put its script part under `if __name__ == \"__main__\":`") from e
     except Exception as e:  # noqa: BLE001 - a module's own import errors are the user's to see, with the reward
         close = difflib.get_close_matches(name.lower(), BUILTINS, n=1)
         hint = f"; did you mean the built-in {_USAGE[close[0]]}?" if close and "." not in name else ""
         raise ConfigError(f"reward {spec!r}: cannot import module {name!r} ({type(e).__name__}: {show(str(e))}); "
                           f"the current directory is {here}: run from the directory that holds {name.split('.')[0]}"
                           f".py, or name the file (path/to/file.py:function){hint}") from e
-    finally:
-        try:
-            sys.path.remove(here)
-        except ValueError:
-            pass
 
 
 def _load_file(spec: str, path_text: str, loaded: dict):
@@ -385,18 +430,17 @@ def _load_file(spec: str, path_text: str, loaded: dict):
     module_spec = importlib.util.spec_from_file_location(module_name, resolved)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look a module up by name
-    sys.path.insert(0, str(resolved.parent))  # as `python file.py`: the file's neighbours are importable
+    _importable(str(resolved.parent))  # as `python file.py`: the file's neighbours are importable, now and later
     try:
         module_spec.loader.exec_module(module)
+    except SystemExit as e:  # not an Exception: it would end qlorakit, quietly with sys.exit(0)
+        sys.modules.pop(module_name, None)
+        raise ConfigError(f"reward {spec!r}: running {path_text} {_failure(e)}; a reward file is imported, not run: "
+                          "put its script part under `if __name__ == \"__main__\":`") from e
     except Exception as e:  # noqa: BLE001
         sys.modules.pop(module_name, None)
         raise ConfigError(f"reward {spec!r}: running {path_text} failed ({type(e).__name__}: {show(str(e))}); fix "
                           "the file (it is run once, before the model loads)") from e
-    finally:
-        try:
-            sys.path.remove(str(resolved.parent))
-        except ValueError:
-            pass
     loaded[resolved] = module
     return module
 
@@ -522,7 +566,8 @@ def score(rewards: list[Reward], prompts: list, completions: list[str], rows: li
           completion_tokens: list[int], finished: list[bool], max_new_tokens: int
           ) -> tuple[dict[str, list[float]], list[float]]:
     """Each reward's values (by spec) and each completion's weighted total. The lists are parallel: one entry
-    per completion (a prompt, its row and where repeated for each of its completions)."""
+    per completion (a prompt, its row and where repeated for each of its completions). A total beyond FLOAT32_MAX
+    (a user function's values are checked as they come) is a RewardError naming the row."""
     n = len(completions)
     lengths = {len(prompts), len(rows), len(wheres), len(completion_tokens), len(finished)}
     if lengths != {n}:
@@ -534,6 +579,12 @@ def score(rewards: list[Reward], prompts: list, completions: list[str], rows: li
         values = reward(prompts, completions, rows, wheres, completion_tokens, finished, max_new_tokens)
         by_spec[reward.spec] = values
         totals = [total + reward.weight * value for total, value in zip(totals, values)]
+    for i, total in enumerate(totals):  # each value is at most FLOAT32_MAX; weights and sums can pass it
+        if not abs(total) <= FLOAT32_MAX:
+            terms = " + ".join(f"{r.weight:g} * {by_spec[r.spec][i]:.4g} ({r.spec})" for r in rewards)
+            raise RewardError(f"the weighted total of the rewards is {total:.4g} for {wheres[i]} (completion "
+                              f"{_clip(completions[i])}): {terms}; GRPO's rewards are float32, at most "
+                              f"{FLOAT32_MAX:.4g} in magnitude; scale the rewards or their weights down")
     return by_spec, totals
 
 

@@ -26,6 +26,15 @@ history beside the resumed run's; its params are write-once, so a resume adds on
 
 Values: all three keep float64, so they equal metrics.jsonl's; but MLflow's SQL store keeps an infinite value (the
 gradient norm of a step fp16's GradScaler skipped) as +-1.8e308, its largest float.
+
+Names: TensorBoard and W&B take every metrics.jsonl key as it is. MLflow refuses names with characters other than
+letters, digits, _ - . : / and space, and names that would resolve to another as a file path (a '.' or '..'
+segment, '//', a leading or trailing '/'), longer than 250 characters too; GRPO's reward/<spec> keys hold such
+specs (`reward/regex:\\d+`, `reward/../rw.py:fn`). mlflow_name gives the name MLflow gets: each character it
+refuses replaced by '_', each '.' or '..' segment by '_' or '__', empty segments dropped (`reward/regex:_d+`,
+`reward/__/rw.py:fn`). A key whose name another key has taken already (keys that need no change keep theirs) gets
+'-' and the CRC-32 of its exact key appended, the same in every run. Each renamed key is said once in the log;
+metrics.jsonl keeps the exact keys.
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import time
+import zlib
 from pathlib import Path
 
 from .errors import ConfigError, TrainingError, show
@@ -52,6 +63,10 @@ _RECORD_KEYS = {"wandb": {"id", "project"}, "mlflow": {"run_id", "tracking_uri"}
 # The modules each tracker imports; mlflow's local store (no MLFLOW_TRACKING_URI) also needs SQLAlchemy's.
 _MODULES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 _MLFLOW_LOCAL_STORE = ("sqlalchemy", "alembic")
+# What MLflow's metric names may hold (mlflow.utils.validation: letters, digits and _ - . : / space, no ':' on
+# Windows), and how long they may be.
+_MLFLOW_REFUSED = re.compile(r"[^\w.\- /]" if os.name == "nt" else r"[^\w.\- :/]")
+MLFLOW_NAME_LIMIT = 250
 
 
 def check_trackers(names: tuple[str, ...], out: Path | None = None, resume: bool = False) -> None:
@@ -108,6 +123,26 @@ def _numbers(record: dict) -> dict:
     """The values a tracker logs from a metrics.jsonl record: every number but the step (a bool as 0 or 1)."""
     return {k: int(v) if isinstance(v, bool) else v for k, v in record.items()
             if k != "step" and isinstance(v, (int, float))}
+
+
+def _tagged(name: str, key: str) -> str:
+    """`name` with '-' and the CRC-32 of `key` (8 hex digits) at its end, within MLflow's length limit."""
+    tag = f"-{zlib.crc32(key.encode('utf-8', 'surrogatepass')):08x}"
+    return name[:MLFLOW_NAME_LIMIT - len(tag)] + tag
+
+
+def mlflow_name(key: str) -> str:
+    """The metric name MLflow gets for the metrics.jsonl key `key`: `key` itself when MLflow takes it; else each
+    character MLflow refuses replaced by '_', each '.' or '..' path segment by '_' or '__', the dots a name starts
+    with when it starts with '..' too, and empty segments (a '//', a leading or trailing '/') dropped, so that the
+    name is no file path resolving to another; a name past MLflow's 250 characters cut, with the CRC-32 of `key`
+    at its end."""
+    segments = _MLFLOW_REFUSED.sub("_", key).split("/")
+    name = "/".join("_" * len(s) if s in (".", "..") else s for s in segments if s) or "_"
+    if name.startswith(".."):  # MLflow refuses any name that starts so ("..x" too), as a path leaving its folder
+        dots = len(name) - len(name.lstrip("."))
+        name = "_" * dots + name[dots:]
+    return name if len(name) <= MLFLOW_NAME_LIMIT else _tagged(name, key)
 
 
 def _text(value) -> str:
@@ -265,14 +300,35 @@ class _MLflow:
         # params are write-once: a resume adds the settings the run lacks, its config.json has the rest
         self.client.log_batch(self.run_id, params=[Param(k, _text(v)) for k, v in config.items() if k not in logged])
         self.record = {"run_id": self.run_id, "tracking_uri": uri}
+        self.say = log
+        self.names: dict[str, str] = {}  # metrics.jsonl key -> its MLflow name
+        self.keys: dict[str, str] = {}  # MLflow name -> the key it holds
         where = uri or f"{local} (view: mlflow ui --backend-store-uri {local}, with the full mlflow package)"
         log(f"mlflow: {'continuing' if saved else 'logging to'} run {self.run_id} in {where}")
+
+    def _name(self, key: str) -> str:
+        if key not in self.names:
+            name = mlflow_name(key)
+            if name in self.keys:  # another key's name already: this one is told apart by its own CRC
+                name = _tagged(name, key)
+                while name in self.keys:  # (a CRC collision as well: practically never)
+                    name = _tagged(name, name)
+            self.names[key], self.keys[name] = name, key
+            if name != key:
+                self.say(f"mlflow: the metric {key!r} is logged as {name!r} (MLflow's names hold only letters, "
+                         "digits, _ - . : / and spaces, and no '.', '..' or empty path segments)")
+        return self.names[key]
 
     def log(self, step: int, values: dict) -> None:
         from mlflow.entities import Metric
 
+        # Keys MLflow takes as they are claim their names first: a renamed key cannot take a name from one of them
+        # logged at the same step (GRPO logs each reward's keys at every step).
+        for key in sorted(values, key=lambda k: mlflow_name(k) != k):
+            self._name(key)
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(self._name(k), float(v), now, step)
+                                                    for k, v in values.items()])
 
     def close(self, error: BaseException | None) -> None:
         status = "FINISHED" if error is None else "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"

@@ -333,7 +333,7 @@ def load_data(
     on_long: str = "truncate", skip_bad_rows: bool = False, validation: float = 0.0, validation_source=None,
     seed: int = 0, name: str = "data", parse_special_tokens: bool = False, *, config: str | None = None,
     split: str = "train", validation_split: str | None = None, fields: dict[str, str] | None = None,
-    streaming: bool = False, max_new_tokens: int = 0,
+    streaming: bool = False, max_new_tokens: int = 0, context: int | None = None,
 ) -> TrainingData | PreferenceData | PromptData:
     """Read, convert, split and tokenize a data source: a file path, a dataset directory (saved by save_to_disk, or
     data files in a Hub dataset repository's layout), a Hub dataset id ("org/name" or "org/name@revision"), a list
@@ -358,7 +358,7 @@ def load_data(
         if train_on != "assistant":
             raise ConfigError(f"train_on={train_on!r} does not apply to prompt data: GRPO trains on the answers it "
                               "generates, never on the prompt; leave it out (assistant)")
-        return load_prompts(read, tokenizer, max_length, max_new_tokens, on_long, parse_special_tokens)
+        return load_prompts(read, tokenizer, max_length, max_new_tokens, on_long, parse_special_tokens, context)
     report = read.report
 
     def tokenizer_for(counted: TokenizeReport):

@@ -86,6 +86,18 @@ def collate(items: list[Tokenized], pad_id: int, packed: bool = True) -> Batch:
     return Batch(ids, labels, positions, mask)
 
 
+def collate_sequences(items: list[Tokenized], pad_id: int, packed: bool = True) -> Batch:
+    """`collate`'s batch with each token's sequence in `sequences` (item k's tokens k, padding -1): what objectives
+    that score each sequence on its own (preference pairs, GRPO's completions) sum per sequence."""
+    batch = collate(items, pad_id, packed)
+    if packed:
+        owner = torch.tensor([[k for k, item in enumerate(items) for _ in item.input_ids]], dtype=torch.long)
+    else:
+        rows = torch.arange(len(items), dtype=torch.long).unsqueeze(1)
+        owner = torch.where(batch.attention_mask.bool(), rows, torch.full_like(batch.attention_mask, -1))
+    return dataclasses.replace(batch, sequences=owner)
+
+
 def placeholder(pad_id: int) -> Batch:
     """What a rank runs when its share of a global micro-batch is empty (the data's last micro-batch, smaller than
     the ranks): two pad tokens, nothing trained, in no sequence (no pair). Its backward gives zero gradients, and

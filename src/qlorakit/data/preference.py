@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..precision import LOSS_DTYPE
-from .batches import Batch, MicroBatchStream, collate
+from .batches import Batch, MicroBatchStream, collate_sequences
 from .formats import PreferenceExample
 from .tokenize import TokenizeReport, Tokenized, check_settings, special_token_pattern, tokenize_example
 
@@ -134,17 +134,11 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, packed: bool = True) 
     positions restarting per sequence; else a right-padded row each), with each token's sequence (2i, 2i+1; -1 for
     padding), the number of pairs, and the reference log-probabilities in the same order when every pair has
     them."""
-    sequences = [side for pair in pairs for side in (pair.chosen, pair.rejected)]
-    batch = collate(sequences, pad_id, packed)
-    if packed:
-        owner = torch.tensor([[k for k, item in enumerate(sequences) for _ in item.input_ids]], dtype=torch.long)
-    else:
-        rows = torch.arange(len(sequences), dtype=torch.long).unsqueeze(1)
-        owner = torch.where(batch.attention_mask.bool(), rows, torch.full_like(batch.attention_mask, -1))
+    batch = collate_sequences([side for pair in pairs for side in (pair.chosen, pair.rejected)], pad_id, packed)
     reference = None
     if pairs and all(pair.reference is not None for pair in pairs):
         reference = torch.tensor([value for pair in pairs for value in pair.reference], dtype=LOSS_DTYPE)
-    return dataclasses.replace(batch, sequences=owner, pairs=len(pairs), reference=reference)
+    return dataclasses.replace(batch, pairs=len(pairs), reference=reference)
 
 
 @dataclass

@@ -79,11 +79,24 @@ def check_lengths(max_length: int, max_new_tokens: int, on_long: str) -> int:
     return limit
 
 
+def limit_words(max_length: int, max_new_tokens: int, context: int | None) -> tuple[int, str, str]:
+    """(the longest prompt, what sets that limit, what to do about it): max_length, or the model's context when it
+    is shorter (raising --max-length cannot help then)."""
+    if context is not None and context < max_length:
+        return (context - max_new_tokens, f"the model's context of {context} tokens leaves beside max_new_tokens "
+                f"{max_new_tokens}", "lower --max-new-tokens or shorten the prompts")
+    return (max_length - max_new_tokens, f"max_length {max_length} leaves beside max_new_tokens {max_new_tokens}",
+            "raise --max-length or lower --max-new-tokens")
+
+
 def prompt_tokenizer(tokenizer, max_length: int, max_new_tokens: int, on_long: str = "drop",
-                     report: TokenizeReport | None = None, parse_special_tokens: bool = False):
+                     report: TokenizeReport | None = None, parse_special_tokens: bool = False,
+                     context: int | None = None):
     """A function from one PromptExample to its TokenizedPrompt (or None when dropped as too long), counting prompts
-    and their tokens into `report` (nothing trains in a prompt: trained_tokens stays 0)."""
-    limit = check_lengths(max_length, max_new_tokens, on_long)
+    and their tokens into `report` (nothing trains in a prompt: trained_tokens stays 0). `context`: the model's
+    (max_position_embeddings), when it is shorter than max_length the limit."""
+    check_lengths(max_length, max_new_tokens, on_long)
+    limit, why, fix = limit_words(max_length, max_new_tokens, context)
     report = report if report is not None else TokenizeReport()
     report.unit = UNIT
     specials = None if parse_special_tokens else special_token_pattern(tokenizer)
@@ -96,9 +109,8 @@ def prompt_tokenizer(tokenizer, max_length: int, max_new_tokens: int, on_long: s
         if len(ids) > limit:
             if on_long == "error":
                 raise DataError(
-                    f"{example.where}: the prompt is {len(ids)} tokens, longer than the {limit} that max_length "
-                    f"{max_length} leaves beside max_new_tokens {max_new_tokens} for its answer; raise --max-length "
-                    "or lower --max-new-tokens, or leave such prompts out (--on-long drop)"
+                    f"{example.where}: the prompt is {len(ids)} tokens, longer than the {limit} that {why} for its "
+                    f"answer; {fix}, or leave such prompts out (--on-long drop)"
                 )
             report.dropped_long += 1
             return None
@@ -109,13 +121,14 @@ def prompt_tokenizer(tokenizer, max_length: int, max_new_tokens: int, on_long: s
     return fit
 
 
-def check_prompts(items: list[TokenizedPrompt], report: TokenizeReport, source: str, limit: int) -> None:
+def check_prompts(items: list[TokenizedPrompt], report: TokenizeReport, source: str, max_length: int,
+                  max_new_tokens: int, context: int | None = None) -> None:
     """Training prompts of which none was kept are an error that says why (check_pairs, for prompts)."""
     if items:
         return
     if report.dropped_long:
-        cause = (f"all {report.dropped_long} prompts were longer than the {limit} tokens max_length leaves beside "
-                 "max_new_tokens; raise --max-length or lower --max-new-tokens")
+        limit, why, fix = limit_words(max_length, max_new_tokens, context)
+        cause = f"all {report.dropped_long} prompts were longer than the {limit} tokens {why}; {fix}"
     else:
         cause = "no prompt is left for training (a validation fraction took them all?); add prompts"
     raise DataError(f"{source}: nothing to train on — {cause}")
@@ -182,17 +195,18 @@ class PromptData:
 
 
 def load_prompts(read, tokenizer, max_length: int = 1024, max_new_tokens: int = 0, on_long: str = "drop",
-                 parse_special_tokens: bool = False) -> PromptData:
+                 parse_special_tokens: bool = False, context: int | None = None) -> PromptData:
     """Tokenize the prompts `read_data` read (an ExampleData of format "prompt"): load_data's part for prompt data.
-    Validation prompts too long for the limit are dropped, never an error."""
-    limit = check_lengths(max_length, max_new_tokens, on_long)
+    A prompt must leave room for max_new_tokens within max_length, and within the model's `context` when given
+    (past it generation is refused). Validation prompts too long for the limit are dropped, never an error."""
+    check_lengths(max_length, max_new_tokens, on_long)
     if not isinstance(read.train, list):
         raise ConfigError("GRPO reads its prompts whole (they are few and short: a run's time goes to generating "
                           "their answers); drop --streaming")
     report = read.report
-    fit = prompt_tokenizer(tokenizer, max_length, max_new_tokens, on_long, report, parse_special_tokens)
+    fit = prompt_tokenizer(tokenizer, max_length, max_new_tokens, on_long, report, parse_special_tokens, context)
     train = [item for item in map(fit, read.train) if item is not None]
-    check_prompts(train, report, read.label, limit)
-    held = prompt_tokenizer(tokenizer, max_length, max_new_tokens, "drop", None, parse_special_tokens)
+    check_prompts(train, report, read.label, max_length, max_new_tokens, context)
+    held = prompt_tokenizer(tokenizer, max_length, max_new_tokens, "drop", None, parse_special_tokens, context)
     validation = [item for item in map(held, read.validation) if item is not None]
     return PromptData(train, validation, read.format, report, read.origin)
