@@ -623,6 +623,69 @@ def test_a_run_with_beta_logs_kl_from_zero(tmp_path, tiny_model_dir, files, quan
     assert steps[-1]["kl"] > 1e-6
 
 
+def test_a_continued_adapter_is_its_own_kl_reference(tmp_path, tiny_model_dir, files):
+    """--adapter with beta > 0: the reference is the adapter as the run starts (as TRL's GRPOTrainer makes it), not
+    the base, so at step 1 kl is 0 (1e-6), where the base as reference gives kl > 0.01 — and the adapter's starting
+    weights are back in place for the policy after each reference pass (the run moves on)."""
+    first = _grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "first", reward=[_spec(files)], max_steps=3,
+                  lr=5e-2)
+    run = _grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "kl", reward=[_spec(files)], beta=0.04,
+                max_steps=2, lr=5e-2, adapter=str(first.output))
+    steps = _steps(run)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["kl"] > 1e-6
+    from qlorakit.grpo import GRPOObjective
+
+    original = GRPOObjective._started
+    try:  # the base as reference instead: what the run computed before
+        GRPOObjective._started = lambda self: qlorakit.upstream.peft.base_only(self.model)
+        against_base = _grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "base-ref", reward=[_spec(files)],
+                             beta=0.04, max_steps=1, adapter=str(first.output))
+    finally:
+        GRPOObjective._started = original
+    assert _steps(against_base)[0]["kl"] > 0.01
+
+
+def test_padded_rollouts_train_as_packed_ones(tmp_path, tiny_model_dir, files):
+    """--no-packing: the rollouts are right-padded rows (each completion its own row) and the run's losses, rewards
+    and gradient norms equal the packed run's (fp32, 1e-5: the same sums in another layout)."""
+    packed = _steps(_grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "packed", reward=[_spec(files)],
+                          beta=0.04))
+    padded = _steps(_grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "padded", reward=[_spec(files)],
+                          beta=0.04, packing=False))
+    for a, b in zip(packed, padded, strict=True):
+        for key in ("loss", "grad_norm", "reward", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+        assert a["tokens"] == b["tokens"]  # (real tokens: padding is not counted)
+
+
+def test_an_overlong_margin_past_the_completion_is_refused(tmp_path, files):
+    with pytest.raises(qlorakit.ConfigError, match=r"^--reward overlong:8: the penalty would start 8 tokens before "
+                                                   r"--max-new-tokens 8, at or before the first token"):
+        qlorakit.train_grpo(data=str(files / "prompts.jsonl"), reward=["overlong:8"], max_new_tokens=8,
+                            model=str(tmp_path / "absent"), output=str(tmp_path / "out"), **QUIET)
+
+
+@pytest.mark.parametrize("reward", [5, {"exact": "answer"}, [3]])
+def test_a_yaml_reward_of_another_type_is_refused_by_name(tmp_path, reward):
+    config = tmp_path / "grpo.yaml"
+    config.write_text(json.dumps({"reward": reward}))  # (JSON is YAML)
+    with pytest.raises(qlorakit.ConfigError, match=rf"^{config}: reward=.*: give one or more reward specs as strings"):
+        qlorakit.GRPOConfig.build(config)
+
+
+def test_resume_compares_reward_weights_as_numbers(tmp_path, tiny_model_dir, files):
+    """Weights written "1,.5" resume a run started with [1, 0.5]; other weights are refused."""
+    rewards = [_spec(files), "exact:answer"]
+    _grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "run", reward=rewards, reward_weights=[1, 0.5],
+          max_steps=2, save_every=1)
+    run = _grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "run", reward=rewards, reward_weights="1, .5",
+                max_steps=3, save_every=1, resume=True)
+    assert [r["step"] for r in _steps(run)] == [1, 2, 3]
+    with pytest.raises(qlorakit.TrainingError, match="--resume with reward_weights='1,0.4'"):
+        _grpo(tiny_model_dir, files / "prompts.jsonl", tmp_path / "run", reward=rewards, reward_weights="1,0.4",
+              max_steps=4, resume=True)
+
+
 # ---------------------------------------------------------------------------------------------- learning
 
 

@@ -4,6 +4,8 @@ and the same rewards as TRL reward functions. No model: everything here is exact
 
 from __future__ import annotations
 
+import decimal
+import re
 import sys
 import uuid
 
@@ -12,10 +14,17 @@ import pytest
 import torch
 
 from qlorakit.errors import ConfigError, DataError
-from qlorakit.rewards import (WHERE_COLUMN, RewardError, as_trl, check_rows, completion_text, parse_answer,
-                              parse_rewards, score)
+from qlorakit.precision import LOSS_DTYPE
+from qlorakit.rewards import (FLOAT32_MAX, WHERE_COLUMN, RewardError, as_trl, check_rows, completion_text,
+                              parse_answer, parse_rewards, score)
 
 MAX_NEW = 10
+
+
+@pytest.fixture(autouse=True)
+def _sys_path(monkeypatch):
+    """Loading a user function puts its directory on sys.path for good (as `python -m` does); here, for the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
 
 
 def _score(specs, completions, rows=None, weights=None, tokens=None, finished=None, prompts=None, max_new=MAX_NEW):
@@ -180,9 +189,8 @@ THRESHOLD = 3
 def test_a_module_function_is_imported_from_the_current_directory(tmp_path, monkeypatch, module_name):
     (tmp_path / f"{module_name}.py").write_text(FUNCTIONS)
     monkeypatch.chdir(tmp_path)
-    path_before = list(sys.path)
     rewards = parse_rewards([f"{module_name}:length", "truncated"], [0.5, 1])
-    assert sys.path == path_before  # the current directory was importable only for the import
+    assert sys.path[0] == str(tmp_path)  # the current directory first, as `python -m` puts it
     values, totals = score(rewards, ["q", "q"], ["ab", "abcd"], [{}, {}], ["a line 1", "a line 2"], [2, 10],
                            [True, False], MAX_NEW)
     assert values == {f"{module_name}:length": [2.0, 4.0], "truncated": [0.0, -1.0]} and totals == [1.0, 1.0]
@@ -217,9 +225,8 @@ def test_a_file_function_and_a_module_named_like_a_built_in(tmp_path, monkeypatc
         "def fn(prompts, completions, rows):\n"
         "    return [BONUS + (c == r['answer']) for c, r in zip(completions, rows)]\n")
     monkeypatch.chdir(tmp_path)
-    path_before = list(sys.path)
     rewards = parse_rewards(["./sub/exact.py:fn", "exact:answer"])
-    assert sys.path == path_before
+    assert sys.path[0] == str(tmp_path / "sub")
     values, totals = score(rewards, ["q", "q"], ["7", "8"], [{"answer": "7"}] * 2, ["l1", "l2"], [1, 1],
                            [True, True], MAX_NEW)
     assert values == {"./sub/exact.py:fn": [1.25, 0.25], "exact:answer": [1.0, 0.0]} and totals == [2.25, 0.25]
@@ -227,6 +234,115 @@ def test_a_file_function_and_a_module_named_like_a_built_in(tmp_path, monkeypatc
     (tmp_path / "bad.py").write_text("def fn(:\n")
     with pytest.raises(ConfigError, match=r"'bad.py:fn': running bad.py failed \(SyntaxError: "):
         parse_rewards("bad.py:fn")
+
+
+def test_a_function_imports_its_own_modules_when_called(tmp_path, monkeypatch, module_name):
+    """A reward function that imports a helper beside it inside its body (while training, long after it was
+    loaded) finds it: the directory stays on sys.path, once however often it is loaded."""
+    helper = f"helper_{module_name}"
+    (tmp_path / "sub").mkdir()
+    for directory in (tmp_path, tmp_path / "sub"):
+        (directory / f"{helper}.py").write_text(f"BONUS = {0.5 if directory == tmp_path else 0.25}\n")
+    lazy = ("def fn(prompts, completions, rows):\n"
+            f"    from {helper} import BONUS\n"
+            "    return [BONUS] * len(completions)\n")
+    (tmp_path / f"{module_name}.py").write_text(lazy)
+    (tmp_path / "sub" / "lazy_file.py").write_text(lazy)
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    rewards = parse_rewards([f"{module_name}:fn"])
+    parse_rewards([f"{module_name}:fn", "exact:a"])
+    assert sys.path == [str(tmp_path)] + before
+    monkeypatch.chdir(tmp_path / "sub")  # (training does not change directory; the entry holds even so)
+    assert rewards[0](["q"], ["a"], [{}], ["l1"], [1], [True], MAX_NEW) == [0.5]
+    sys.modules.pop(helper)
+    file_rewards = parse_rewards(["lazy_file.py:fn"])
+    assert sys.path == [str(tmp_path / "sub"), str(tmp_path)] + before
+    assert file_rewards[0](["q"], ["a"], [{}], ["l1"], [1], [True], MAX_NEW) == [0.25]  # its neighbour, first
+    sys.modules.pop(helper)
+
+
+EXITS = """
+import sys
+def fn(prompts, completions, rows):
+    if any("stop" in c for c in completions):
+        sys.exit(0)
+    return [1.0] * len(completions)
+def interrupted(prompts, completions, rows):
+    raise KeyboardInterrupt
+"""
+
+
+@pytest.mark.parametrize("form", ["module", "file"])
+def test_a_reward_module_that_exits_at_import_is_a_config_error(tmp_path, monkeypatch, module_name, form):
+    """sys.exit(0) at import used to end qlorakit quietly with exit code 0: SystemExit is no Exception."""
+    (tmp_path / f"{module_name}.py").write_text("import sys\nsys.exit(0)\ndef fn(p, c, r):\n    return []\n")
+    monkeypatch.chdir(tmp_path)
+    spec, what = ((f"{module_name}:fn", f"importing module '{module_name}'") if form == "module" else
+                  (f"./{module_name}.py:fn", f"running ./{module_name}.py"))
+    with pytest.raises(ConfigError, match=rf"^reward '{spec}': {what} called sys.exit\(0\); a reward "
+                                          rf"{form} is imported, not run: put its script part under "
+                                          r"`if __name__ == \"__main__\":`$") as caught:
+        parse_rewards(spec)
+    assert isinstance(caught.value.__cause__, SystemExit)
+    assert not any(name.endswith(module_name) for name in sys.modules)  # nothing half-imported stays
+
+
+def test_a_reward_function_that_exits_is_an_error_naming_the_row(tmp_path, monkeypatch, module_name):
+    (tmp_path / f"{module_name}.py").write_text(EXITS)
+    monkeypatch.chdir(tmp_path)
+    fn, interrupted = parse_rewards([f"{module_name}:fn", f"{module_name}:interrupted"])
+    with pytest.raises(RewardError, match=rf"^reward {module_name}:fn called sys.exit\(0\) on l2 \(completion "
+                                          r"'a stop'\); fix the function, or make it return 0.0 for completions it "
+                                          r"cannot score$") as caught:
+        fn(["q"] * 3, ["fine", "a stop", "stop"], [{}] * 3, ["l1", "l2", "l3"], [1] * 3, [True] * 3, MAX_NEW)
+    assert isinstance(caught.value.__cause__, SystemExit)
+    fn.fn = lambda p, c, r: [0.0] if len(c) == 1 else sys.exit("batch")
+    with pytest.raises(RewardError, match=rf"^reward {module_name}:fn called sys.exit\('batch'\) on the 2 "
+                                          r"completions of l1 \.\. l2, though on none of them alone"):
+        fn(["q"] * 2, ["a", "b"], [{}] * 2, ["l1", "l2"], [1] * 2, [True] * 2, MAX_NEW)
+    with pytest.raises(KeyboardInterrupt):  # an interrupt stays one
+        interrupted(["q"], ["a"], [{}], ["l1"], [1], [True], MAX_NEW)
+
+
+def test_the_float32_limit_is_loss_dtypes():
+    assert FLOAT32_MAX == torch.finfo(LOSS_DTYPE).max
+
+
+@pytest.mark.parametrize("value, shown", [
+    (1e39, "1e+39"), (-3.5e38, "-3.5e+38"), (10 ** 400, "1e+400"), (-(10 ** 5000), "-1e+5000"),
+    (decimal.Decimal("1e400"), "1e+400"), (np.float64(2e300), "2e+300"), (torch.tensor(1e300, dtype=torch.float64),
+                                                                          "1e+300"),
+], ids=lambda v: v if isinstance(v, str) else type(v).__name__)  # (10**5000 has more digits than str() writes)
+def test_a_value_too_large_for_float32_is_an_error_naming_the_row(tmp_path, monkeypatch, module_name, value, shown):
+    """1e39 is finite, but infinite in the float32 tensor GRPO puts rewards in; an int past float range is too
+    large, not "not an int"."""
+    (tmp_path / f"{module_name}.py").write_text(FUNCTIONS)
+    monkeypatch.chdir(tmp_path)
+    reward = parse_rewards(f"{module_name}:returns")[0]
+    with pytest.raises(RewardError, match=rf"^reward {module_name}:returns returned {re.escape(shown)} for line 2 "
+                                          r"\(completion 'b'\), which is too large: GRPO's rewards are float32, at "
+                                          r"most 3\.403e\+38 in magnitude; scale the reward down$"):
+        reward(["q"] * 2, ["a", "b"], [{"value": 1.0}, {"value": value}], ["line 1", "line 2"], [1] * 2, [True] * 2,
+               MAX_NEW)
+    reward.fn = lambda p, c, r: [FLOAT32_MAX, -FLOAT32_MAX]  # the limit itself is fine
+    assert reward(["q"] * 2, ["a", "b"], [{}] * 2, ["l1", "l2"], [1] * 2, [True] * 2, MAX_NEW) == [FLOAT32_MAX,
+                                                                                                 -FLOAT32_MAX]
+
+
+def test_a_weighted_total_too_large_for_float32_is_an_error_naming_the_row(tmp_path, monkeypatch, module_name):
+    (tmp_path / f"{module_name}.py").write_text(FUNCTIONS)
+    monkeypatch.chdir(tmp_path)
+    rewards = parse_rewards([f"{module_name}:returns", "truncated"], [2, 1])
+    rows = [{"value": 1.0}, {"value": 3e38}]
+    with pytest.raises(RewardError, match=rf"^the weighted total of the rewards is 6e\+38 for line 2 \(completion "
+                                          rf"'b'\): 2 \* 3e\+38 \({module_name}:returns\) \+ 1 \* 0 \(truncated\); "
+                                          r"GRPO's rewards are float32, at most 3\.403e\+38 in magnitude; scale the "
+                                          r"rewards or their weights down$"):
+        score(rewards, ["q"] * 2, ["a", "b"], rows, ["line 1", "line 2"], [1] * 2, [True] * 2, MAX_NEW)
+    rewards[0].weight = 1.0  # 3e38 alone is within float32
+    assert score(rewards, ["q"] * 2, ["a", "b"], rows, ["line 1", "line 2"], [1] * 2, [True] * 2, MAX_NEW)[1] == [
+        1.0, 3e38]
 
 
 def test_a_raising_function_names_the_failing_row_not_the_first(tmp_path, monkeypatch, module_name):
@@ -259,6 +375,8 @@ def test_a_raising_function_names_the_failing_row_not_the_first(tmp_path, monkey
     (True, r"returned True \(bool\) for line 2.*float\(ok\)"),
     (np.float32("nan"), r"returned .*nan.* for line 2"),
     (torch.tensor([1.0]), r"returned tensor\(\[1\.\]\) \(Tensor\) for line 2"),  # a 1-d tensor as one value
+    (decimal.Decimal("NaN"), r"returned Decimal\('NaN'\) \(Decimal\) for line 2.*finite number: an int, a float, "
+                             r"a Decimal"),
 ])
 def test_a_value_that_is_not_a_finite_number_is_an_error_naming_the_row(tmp_path, monkeypatch, module_name, value,
                                                                          message):
@@ -290,6 +408,7 @@ def test_a_result_that_is_not_one_number_per_completion_is_an_error(tmp_path, mo
 @pytest.mark.parametrize("result", [
     [1, 0.5, -2], (1, 0.5, -2), np.array([1, 0.5, -2]), torch.tensor([1, 0.5, -2]),
     [np.int64(1), np.float32(0.5), torch.tensor(-2.0)], [np.array(1), np.float64(0.5), torch.tensor(-2)],
+    [decimal.Decimal(1), decimal.Decimal("0.5"), decimal.Decimal("-2.000")],  # a Decimal used to be "not finite"
 ])
 def test_numbers_in_every_usual_container_are_accepted(tmp_path, monkeypatch, module_name, result):
     (tmp_path / f"{module_name}.py").write_text(FUNCTIONS)
