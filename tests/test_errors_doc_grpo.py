@@ -124,6 +124,15 @@ def short(prompts, completions, rows):
     return [1.0]
 def nan(prompts, completions, rows):
     return [float("nan")] * len(completions)
+def exits(prompts, completions, rows):
+    import sys
+    if "abc" in completions:
+        sys.exit(0)
+    return [0.0] * len(completions)
+def huge(prompts, completions, rows):
+    return [1e39] * len(completions)
+def big(prompts, completions, rows):
+    return [3e38] * len(completions)
 def two(prompts, completions):
     return []
 THRESHOLD = 3
@@ -137,8 +146,10 @@ def module(tmp_path, monkeypatch):
     name = f"my_rewards_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text(FUNCTIONS)
     (tmp_path / "broken.py").write_text("def fn(:\n")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
     (tmp_path / "folder.py").mkdir()
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # loading a reward puts its directory there for good
     yield name
     sys.modules.pop(name, None)
 
@@ -168,6 +179,13 @@ def _score(function, completions=("abcdef", "abc", "ab")):
     return provoke
 
 
+def _total(m):
+    from qlorakit.rewards import parse_rewards, score
+
+    score(parse_rewards([f"{m}:big", "truncated"], [2, 1]), ["q"], ["a"], [{}], ["prompts.jsonl line 1"], [1], [True],
+          MAX_NEW)
+
+
 REWARDS = {
     "no reward (Python API: `reward=[]`)": _parse([]),
     "reward spec that is not a string, or empty": _parse(["exact:answer", ""]),
@@ -184,6 +202,8 @@ REWARDS = {
     "reward file that does not exist": _parse("missing/rewards.py:fn"),
     "reward file that is a directory": _parse("folder.py:fn"),
     "reward file that fails to run": _parse("broken.py:fn"),
+    "reward file or module that calls `sys.exit` when loaded (a module: `importing module 'NAME' called ...`)":
+        _parse("exits.py:fn"),
     "reward function the module does not define": _parse(["my_rewards:lenght"]),
     "reward that is not a function": _parse(["my_rewards:THRESHOLD"]),
     "reward function that does not take (prompts, completions, rows)": _parse(["my_rewards:two"]),
@@ -198,10 +218,13 @@ REWARDS = {
     "`exact` field holding a list or an object": _check_rows("exact:answer", {"answer": ["1"]}),
     "`numeric` field without a number": _check_rows("numeric:answer", {"answer": "about ten"}),
     "reward function that raises": _score("picky"),
+    "reward function that calls `sys.exit`": _score("exits"),
     "reward function that raises on the whole batch only": _score("batch_only", ("a", "b")),
     "reward function returning one number for all": _score("one"),
     "reward function returning too few values": _score("short"),
     "reward function returning NaN, None, a bool, a string": _score("nan", ("a", "b")),
+    "reward function returning a number past float32 (1e39, an int of 400 digits)": _score("huge", ("a",)),
+    "weighted total of a completion's rewards past float32": _total,
 }
 
 

@@ -5,6 +5,7 @@ model, the precision policy, an exact resume, the errors of rewards, data and se
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -102,6 +103,16 @@ def test_group_advantages_are_the_groups_normalised_rewards():
     advantages, flags = group_advantages(torch.tensor(rewards), g, scale=False)
     torch.testing.assert_close(advantages, torch.tensor(centred), rtol=1e-6, atol=1e-6)
     assert flags.tolist() == flat
+
+
+def test_rewards_near_fp32s_range_give_finite_advantages():
+    """A group's sum of rewards past fp32's range (3e38 + 2e38) is computed in the reduction dtype: the advantages
+    are +-1/sqrt(2) as for any two different rewards (1e-6), not NaN."""
+    from qlorakit.grpo import group_advantages
+
+    advantages, flat = group_advantages(torch.tensor([3e38, 2e38]), 2)
+    assert advantages.dtype == torch.float32 and not flat.any()
+    assert advantages.tolist() == pytest.approx([2 ** -0.5, -(2 ** -0.5)], abs=1e-6)
 
 
 @pytest.mark.parametrize("value, g", [(0.9, 3), (0.1, 8), (0.3, 6)])
@@ -861,7 +872,7 @@ def test_a_missing_field_is_refused_before_the_model_loads(tmp_path, monkeypatch
     rows = _rows(5)
     del rows[2]["answer"]
     data = _write_rows(tmp_path / "prompts.jsonl", rows)
-    monkeypatch.setattr(sys.modules["qlorakit.train"], "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(importlib.import_module("qlorakit.train"), "load", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(qlorakit.DataError, match=r"prompts\.jsonl line 3: no field 'answer' for the reward "
                                                  r"exact:answer \(fields present: 'id'\)"):
         qlorakit.train_grpo(model=str(tmp_path / "no-such-model"), data=str(data), reward=["exact:answer"],
@@ -869,7 +880,7 @@ def test_a_missing_field_is_refused_before_the_model_loads(tmp_path, monkeypatch
 
 
 def test_sft_data_and_prompt_data_are_each_refused_by_the_other_command(tmp_path, files, monkeypatch):
-    monkeypatch.setattr(sys.modules["qlorakit.train"], "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(importlib.import_module("qlorakit.train"), "load", lambda *a, **k: pytest.fail("the model was loaded"))
     sft = _write_rows(tmp_path / "sft.jsonl", [{"prompt": "w10 w11", "completion": "w12"}])
     with pytest.raises(qlorakit.DataError, match=r"sft\.jsonl.*the data reads as prompt-completion data, and GRPO "
                                                  r"needs prompts.*--field prompt=COLUMN"):
@@ -895,7 +906,7 @@ def test_sft_data_and_prompt_data_are_each_refused_by_the_other_command(tmp_path
 ])
 def test_settings_that_do_not_fit_are_refused_before_the_model_loads(tmp_path, files, monkeypatch, settings, error,
                                                                      message):
-    monkeypatch.setattr(sys.modules["qlorakit.train"], "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(importlib.import_module("qlorakit.train"), "load", lambda *a, **k: pytest.fail("the model was loaded"))
     settings = ({"reward": ["exact:answer"]} if settings else {}) | settings
     with pytest.raises(error, match=message):
         qlorakit.train_grpo(data=str(files / "prompts.jsonl"), output=str(tmp_path / "out"), **QUIET, **settings)

@@ -19,7 +19,7 @@ import pytest
 import qlorakit
 from conftest import save_tiny_model
 from qlorakit.errors import ConfigError, TrainingError
-from qlorakit.trackers import check_trackers
+from qlorakit.trackers import check_trackers, mlflow_name
 
 STEPS = 6
 
@@ -248,6 +248,77 @@ def test_mlflow_experiment_and_store_from_the_environment(tiny_model_dir, place,
     assert client.get_experiment(run.info.experiment_id).name == "my-experiment"
     assert _mlflow_series(client, run, ["loss"])["loss"] == _series(_records(out))["loss"]
     (place / "mine.db").unlink()  # the user's file, not the output's: the fixture checks nothing else is there
+
+
+# ---------------------------------------------------------------------------------------------- metric names
+
+# GRPO's keys: reward/<spec> for every --reward SPEC, whatever characters the spec holds.
+GRPO_KEYS = ["reward", "reward/regex:\\d+", "reward/regex:\\d+_std", "reward/../rw.py:w7", "reward/./rw.py:fn",
+             "reward/regex:a?", "reward/regex:a_", "reward/regex:a*", "reward/sub//rw.py:fn", "reward/x/",
+             "../up.py:fn", "reward/regex:\u00e9\u00df \\w{2,}", "reward/regex:" + "x" * 300]
+
+
+@pytest.mark.parametrize("key, name", [
+    ("loss", "loss"), ("reward/exact:answer", "reward/exact:answer"), ("reward/a b.c-d_e", "reward/a b.c-d_e"),
+    ("reward/regex:\\d+", "reward/regex:_d_"), ("reward/regex:\\d+_std", "reward/regex:_d__std"),
+    ("reward/../rw.py:w7", "reward/__/rw.py:w7"), ("reward/./x", "reward/_/x"), ("reward//x", "reward/x"),
+    ("/lead", "lead"), ("reward/x/", "reward/x"), ("../up.py:fn", "__/up.py:fn"), ("..x", "__x"), ("", "_"),
+    ("reward/regex:(a|b)?\n", "reward/regex:_a_b___"), ("reward/\u00e9", "reward/\u00e9"),
+])
+def test_mlflow_names_are_what_mlflow_takes(key, name):
+    """Names MLflow refuses (its own validation, mlflow.utils.validation, which the SQL store and a server apply)
+    become names it takes; names it takes stay."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    assert mlflow_name(key) == name
+    _validate_metric_name(name)
+
+
+def test_mlflow_names_past_mlflows_length_limit_keep_their_key_apart():
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
+
+    long_a, long_b = "reward/regex:" + "x" * 300 + "a", "reward/regex:" + "x" * 300 + "b"
+    names = {mlflow_name(long_a), mlflow_name(long_b)}
+    assert len(names) == 2 and all(len(n) == MAX_ENTITY_KEY_LENGTH and n.startswith("reward/regex:xxx")
+                                   for n in names)
+    assert mlflow_name(long_a) == mlflow_name(long_a)  # the same in every run: the key's CRC-32
+
+
+def test_grpo_reward_keys_reach_every_tracker(place):
+    """GRPO's reward/<spec> keys: TensorBoard and W&B take them as they are; MLflow refused some (an
+    MlflowException from log_batch ended the run), now gets them under names it takes, each key its own name, and
+    the log says which. Values exact (float64)."""
+    from qlorakit.trackers import Trackers
+
+    out = place / "out"
+    out.mkdir()
+    notes = []
+    trackers = Trackers(out, notes.append)
+    trackers.open(("tensorboard", "wandb", "mlflow"), {"reward": ["regex:\\d+"]}, resume_step=None)
+    records = [{"step": step} | {key: step + i / 7 for i, key in enumerate(GRPO_KEYS)} for step in (1, 2)]
+    for record in records:
+        trackers.log(record)
+    trackers.close()
+    expected = _series(records)
+
+    assert _tensorboard_series(_tensorboard(out / "tensorboard")) == expected
+    [run] = _wandb_runs(out)
+    assert run["rows"] == records
+
+    client, run = _mlflow(out)
+    names = {key: mlflow_name(key) for key in GRPO_KEYS}
+    crc = {key: f"{zlib.crc32(key.encode()):08x}" for key in GRPO_KEYS}
+    # reward/regex:a_ is its own name already: the keys renamed to it are told apart by their CRC
+    names["reward/regex:a?"] = f"reward/regex:a_-{crc['reward/regex:a?']}"
+    names["reward/regex:a*"] = f"reward/regex:a_-{crc['reward/regex:a*']}"
+    assert names["reward/regex:\\d+"] == "reward/regex:_d_" and names["reward/../rw.py:w7"] == "reward/__/rw.py:w7"
+    assert len(set(names.values())) == len(GRPO_KEYS)
+    assert set(run.data.metrics) == set(names.values())
+    assert _mlflow_series(client, run, names.values()) == {names[k]: v for k, v in expected.items()}
+    renamed = [key for key in GRPO_KEYS if names[key] != key]
+    assert [n for n in notes if "is logged as" in n] == [
+        f"mlflow: the metric {key!r} is logged as {names[key]!r} (MLflow's names hold only letters, digits, _ - . : "
+        "/ and spaces, and no '.', '..' or empty path segments)" for key in sorted(renamed, key=GRPO_KEYS.index)]
 
 
 # ---------------------------------------------------------------------------------------------- resume and failure

@@ -45,7 +45,7 @@ from .config import GRPOConfig
 from .data.batches import Batch, collate_sequences, placeholder
 from .data.tokenize import IGNORE_INDEX, Tokenized
 from .errors import ConfigError
-from .precision import LOSS_DTYPE, precision_of
+from .precision import LOSS_DTYPE, REDUCE_DTYPE, precision_of
 
 __all__ = ["GRPOObjective", "RolloutBatch", "group_advantages", "token_terms", "train_grpo"]
 
@@ -67,16 +67,16 @@ class RolloutBatch(Batch):
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, whether each group's rewards are all equal) of `rewards` [groups x group_size], fp32:
-    r - the group's mean, divided by (the group's std + STD_EPSILON) when `scale` (std unbiased, as torch.std).
+    """(advantages, whether each group's rewards are all equal) of `rewards` [groups x group_size], in fp32 (computed
+    in the reduction dtype): r - the group's mean, divided by (the group's std + STD_EPSILON) when `scale` (std unbiased, as torch.std).
     A group of equal rewards has advantages exactly 0 (its mean, rounded, could differ from them by an ulp)."""
-    r = rewards.to(LOSS_DTYPE).view(-1, group_size)
+    r = rewards.to(REDUCE_DTYPE).view(-1, group_size)  # (a group's sums of rewards near fp32's range stay finite)
     advantages = r - r.mean(dim=1, keepdim=True)
     if scale:
         advantages = advantages / (r.std(dim=1, keepdim=True) + STD_EPSILON)
     flat = (r == r[:, :1]).all(dim=1)
     advantages = torch.where(flat[:, None], torch.zeros_like(advantages), advantages)
-    return advantages.view(-1), flat
+    return advantages.view(-1).to(LOSS_DTYPE), flat
 
 
 def token_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,

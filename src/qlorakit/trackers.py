@@ -31,7 +31,7 @@ Names: TensorBoard and W&B take every metrics.jsonl key as it is. MLflow refuses
 letters, digits, _ - . : / and space, and names that would resolve to another as a file path (a '.' or '..'
 segment, '//', a leading or trailing '/'), longer than 250 characters too; GRPO's reward/<spec> keys hold such
 specs (`reward/regex:\\d+`, `reward/../rw.py:fn`). mlflow_name gives the name MLflow gets: each character it
-refuses replaced by '_', each '.' or '..' segment by '_' or '__', empty segments dropped (`reward/regex:_d+`,
+refuses replaced by '_', each '.' or '..' segment by '_' or '__', empty segments dropped (`reward/regex:_d_`,
 `reward/__/rw.py:fn`). A key whose name another key has taken already (keys that need no change keep theirs) gets
 '-' and the CRC-32 of its exact key appended, the same in every run. Each renamed key is said once in the log;
 metrics.jsonl keeps the exact keys.
