@@ -574,15 +574,14 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
             tick = time.perf_counter()
             # (GRPO: the step's prompts -> rollouts, generated and scored; the others train on the data's batches)
             batches, collected = objective.collect(model, batches, step)
-            trained_from = time.perf_counter()
             try:
                 result = step_fn.run(batches)
             except TrainingError as e:
                 raise TrainingError(f"step {step}: {e}; {last_good()}") from None
             scheduler.step()
             seconds = time.perf_counter() - tick
-            if collected:
-                collected["training_s"] = time.perf_counter() - trained_from
+            if collected:  # (GRPO: the step's time less generating, i.e. rewards, reference, policy, optimizer)
+                collected["training_s"] = seconds - collected.get("generation_s", 0.0)
             real_tokens = sum(b.real_tokens for b in batches)
             memory = peak_memory(step_fn.device)
             if processes.distributed:  # one sum: every rank's tokens, and each rank's peak memory in its slot
