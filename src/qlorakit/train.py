@@ -63,7 +63,8 @@ class StepResult:
 class LanguageModeling:
     """What SFT minimises: the next-token cross-entropy, in fp32, summed over the trained tokens of the step's
     micro-batches (on every rank) and divided by their number, so accumulation and several processes equal one big
-    batch. The interface train.py's step and run use; preference.PreferenceObjective is the other."""
+    batch. The interface train.py's step and run use; preference.PreferenceObjective and grpo.GRPOObjective are
+    the others."""
 
     config_class = TrainConfig
 
@@ -320,7 +321,7 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
 def run(config, objective_type, *, loaded: tuple | None = None, overwrite: bool = False, log=print,
         progress: bool = True, **overrides) -> RunResult:
     """A training run of `objective_type` (LanguageModeling: `train`; preference.PreferenceObjective:
-    `train_preference`), whose config class (`objective_type.config_class`) `config` is, or is built as (a YAML
+    `train_preference`; grpo.GRPOObjective: `train_grpo`), whose config class (`objective_type.config_class`) `config` is, or is built as (a YAML
     path, None), with `overrides`."""
     claims = []  # the output's claim, taken by _train once the config is known; released however the run ends
     trackers = []  # the run's Trackers, opened by _train; closed before the claim is released (which may remove
