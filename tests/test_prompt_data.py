@@ -408,7 +408,9 @@ def datasets_cache(tmp_path, monkeypatch):
 def test_streaming_is_refused(tmp_path, datasets_cache, tokenizer):
     directory = tmp_path / "prompts"
     (directory / "data").mkdir(parents=True)
-    (directory / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TEXT))
+    rows = [{"prompt": "w10 w11", "answer": "4"}, {"prompt": "w12", "answer": "7"}]  # (one type per column: datasets
+    # 4.0's JSON reader refuses a column of strings and numbers)
+    (directory / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     whole = read_data(str(directory))
     assert whole.format == "prompt" and len(whole.train) == 2
     with pytest.raises(ConfigError, match=r"^GRPO reads its prompts whole \(they are few and short: a run's time goes "

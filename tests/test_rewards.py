@@ -496,8 +496,6 @@ def test_as_trl_functions_called_by_trls_own_reward_code(tmp_path, monkeypatch, 
     trl = pytest.importorskip("trl")
     from types import SimpleNamespace
 
-    from trl.trainer.utils import get_callable_name
-
     (tmp_path / f"{module_name}.py").write_text(FUNCTIONS)
     monkeypatch.chdir(tmp_path)
     rewards = parse_rewards(["numeric:answer", "overlong:2", "truncated", f"{module_name}:shout"])
@@ -505,7 +503,7 @@ def test_as_trl_functions_called_by_trls_own_reward_code(tmp_path, monkeypatch, 
     trainer = SimpleNamespace(
         accelerator=SimpleNamespace(device=torch.device("cpu"), is_main_process=True),
         args=SimpleNamespace(report_to=[]), state=SimpleNamespace(global_step=0), reward_funcs=functions,
-        reward_processing_classes=[None] * len(functions), reward_func_names=[get_callable_name(f) for f in functions],
+        reward_processing_classes=[None] * len(functions), reward_func_names=[f.__name__ for f in functions],
         environments=None, _log_completion_extra=lambda *a, **k: None, _log_metric=lambda *a, **k: None)
     inputs = [{"prompt": "q1", "answer": "4", WHERE_COLUMN: "p line 1"},
               {"prompt": "q2", "answer": "#### 7", WHERE_COLUMN: "p line 2"}]
