@@ -312,7 +312,8 @@ def test_prompt_eval_output_has_each_answer_and_its_rewards(adapter, prompts, di
     assert printed[-1] == (f"4 answers written to {out} (a JSON line each: where, prompt, row, answer, reward, "
                            "rewards)")
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [list(line) for line in lines] == [list(qlorakit.evaluate.REWARD_ANSWER_FIELDS)] * 4  # --limit 5: 5 rows, 1 dropped
+    fields = list(qlorakit.evaluate.REWARD_ANSWER_FIELDS)
+    assert [list(line) for line in lines] == [fields] * 4  # --limit 5: 5 rows, 1 dropped
     for line, item, sample, row in zip(lines, data.train, scored["samples"], [PROMPTS[i] for i in (0, 1, 2, 4)]):
         assert (line["where"], line["prompt"], line["row"]) == (item.where, row["prompt"], {"answer": row["answer"]})
         assert line["answer"] == sample["answer"] and line["reward"] == sample["reward"]

@@ -523,8 +523,8 @@ def test_collect_turns_prompts_into_scored_rollouts(policy, files):
     def objective_of(beta):
         objective = GRPOObjective(parse_rewards([_spec(files)]), group_size=g, max_new_tokens=max_new, beta=beta,
                                   seed=3)
-        objective.prepare(model, tokenizer, None, 0, SimpleNamespace(batch_size=2, grad_accum=2, packing=True, adapter=None), None, None,
-                          False, None, lambda *a: None)
+        config = SimpleNamespace(batch_size=2, grad_accum=2, packing=True, adapter=None)
+        objective.prepare(model, tokenizer, None, 0, config, None, None, False, None, lambda *a: None)
         return objective
 
     objective = objective_of(0.1)
@@ -867,21 +867,26 @@ def test_a_failing_reward_function_is_named_with_its_row(tmp_path, tiny_model_di
         _grpo(tiny_model_dir, data, tmp_path / "out", reward=[_spec(files, name)], max_steps=1)
 
 
-def test_a_missing_field_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A run that loads the model fails the test: what these refuse is refused before the minutes of loading."""
+    monkeypatch.setattr(importlib.import_module("qlorakit.train"), "load",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def test_a_missing_field_is_refused_before_the_model_loads(tmp_path, no_model_load):
     """A built-in reading a field that row 3 lacks: DataError naming the line and the field, with a model path
     that does not exist (and loading made to fail) — the data is checked first."""
     rows = _rows(5)
     del rows[2]["answer"]
     data = _write_rows(tmp_path / "prompts.jsonl", rows)
-    monkeypatch.setattr(importlib.import_module("qlorakit.train"), "load", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(qlorakit.DataError, match=r"prompts\.jsonl line 3: no field 'answer' for the reward "
                                                  r"exact:answer \(fields present: 'id'\)"):
         qlorakit.train_grpo(model=str(tmp_path / "no-such-model"), data=str(data), reward=["exact:answer"],
                             output=str(tmp_path / "out"), **QUIET)
 
 
-def test_sft_data_and_prompt_data_are_each_refused_by_the_other_command(tmp_path, files, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("qlorakit.train"), "load", lambda *a, **k: pytest.fail("the model was loaded"))
+def test_sft_data_and_prompt_data_are_each_refused_by_the_other_command(tmp_path, files, no_model_load):
     sft = _write_rows(tmp_path / "sft.jsonl", [{"prompt": "w10 w11", "completion": "w12"}])
     with pytest.raises(qlorakit.DataError, match=r"sft\.jsonl.*the data reads as prompt-completion data, and GRPO "
                                                  r"needs prompts.*--field prompt=COLUMN"):
@@ -905,9 +910,8 @@ def test_sft_data_and_prompt_data_are_each_refused_by_the_other_command(tmp_path
     ({"temperature": 0.0}, qlorakit.ConfigError, r"temperature=0"),
     ({"loss": "ppo"}, qlorakit.ConfigError, r"loss='ppo' is not a GRPO loss"),
 ])
-def test_settings_that_do_not_fit_are_refused_before_the_model_loads(tmp_path, files, monkeypatch, settings, error,
+def test_settings_that_do_not_fit_are_refused_before_the_model_loads(tmp_path, files, no_model_load, settings, error,
                                                                      message):
-    monkeypatch.setattr(importlib.import_module("qlorakit.train"), "load", lambda *a, **k: pytest.fail("the model was loaded"))
     settings = ({"reward": ["exact:answer"]} if settings else {}) | settings
     with pytest.raises(error, match=message):
         qlorakit.train_grpo(data=str(files / "prompts.jsonl"), output=str(tmp_path / "out"), **QUIET, **settings)

@@ -26,7 +26,8 @@ from .choices import (
     REFERENCE_FREE_LOSSES,
 )
 from .config import (
-    CONFIG_CLASSES, PARSE_SPECIAL_HELP, GRPOConfig, PreferenceConfig, TrainConfig, choices_of, parse_field_map, read_yaml, value_kinds,
+    CONFIG_CLASSES, PARSE_SPECIAL_HELP, GRPOConfig, PreferenceConfig, TrainConfig, choices_of, parse_field_map,
+    read_yaml, value_kinds,
 )
 from .errors import ConfigError, QLoraKitError
 
@@ -35,13 +36,22 @@ BASE_HELP = ("what the adapter's delta is added to: quantized (default), the bas
              "one; or original, the unquantized source weights (adapters trained outside qlorakit need it)")
 
 
+# A training command -> (the module and function that run it, the demo.py function of its built-in demo, the
+# demo's held-out score that must rise for the command to succeed).
+_RUNS = {"train": ("train", "train", "run_demo", "accuracy"),
+         "dpo": ("preference", "train_preference", "run_preference_demo", "accuracy"),
+         "grpo": ("grpo", "train_grpo", "run_grpo_demo", "reward")}
+
+
 def _train(args) -> int:
     """`qlorakit train`, `qlorakit dpo` and `qlorakit grpo`: one run (on this process or, with --nproc-per-node, on
     torchrun's), or without data the command's built-in demo."""
+    import importlib
+
     from .launcher import launch, launched, launched_rank
 
     config_class = next(c for c in CONFIG_CLASSES.values() if c.COMMAND == args.command)
-    preference = config_class is PreferenceConfig
+    module, function, demo_function, score = _RUNS[args.command]
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(config_class)}
     config = config_class.build(args.config, **flags)  # checked here, before torchrun starts processes
     if args.nproc_per_node is not None:
@@ -60,28 +70,13 @@ def _train(args) -> int:
         if launched():
             raise ConfigError("the built-in demo (no --data) runs on one process; under torchrun give --data")
         settings = (read_yaml(args.config) if args.config else {}) | {k: v for k, v in flags.items() if v is not None}
-        if preference:
-            from .demo import run_preference_demo
-
-            demo = run_preference_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
-        elif config_class is GRPOConfig:
-            from .demo import run_grpo_demo
-
-            demo = run_grpo_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
-            return 0 if demo["after"]["reward"] > demo["before"]["reward"] else 1
-        else:
-            from .demo import run_demo
-
-            demo = run_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
-        return 0 if demo["after"]["accuracy"] > demo["before"]["accuracy"] else 1
-    if preference:
-        from .preference import train_preference as run
-    elif config_class is GRPOConfig:
-        from .grpo import train_grpo as run
-    else:
-        from .train import train as run
+        run_demo = getattr(importlib.import_module(".demo", __package__), demo_function)
+        demo = run_demo(progress=not args.quiet, overwrite=args.overwrite, **settings)
+        return 0 if demo["after"][score] > demo["before"][score] else 1
+    run = getattr(importlib.import_module(f".{module}", __package__), function)
     result = run(config, overwrite=args.overwrite, progress=not args.quiet)
     if launched_rank() == 0:
+        preference = config_class is PreferenceConfig
         extra = ", reference_logps.safetensors" if preference and config.loss not in REFERENCE_FREE_LOSSES else ""
         print(f"adapter (PEFT format) written to {result.output.resolve()}: adapter_config.json, "
               f"adapter_model.safetensors; metrics.jsonl, loss.png, config.json{extra} beside it")

@@ -404,7 +404,8 @@ class GRPOConfig(TrainConfig):
             raise ConfigError(f"{where}: reward={show(self.reward)}: give one or more reward specs as strings (a "
                               "YAML list of them, or --reward SPEC repeated), e.g. exact:answer")
         if self.loss not in GRPO_LOSSES:
-            raise ConfigError(f"{where}: loss={show(self.loss)} is not a GRPO loss; use one of {', '.join(GRPO_LOSSES)}")
+            raise ConfigError(f"{where}: loss={show(self.loss)} is not a GRPO loss; use one of "
+                              f"{', '.join(GRPO_LOSSES)}")
         if self.group_size < 2:
             raise ConfigError(f"{where}: group_size={show(self.group_size)}: advantages compare the completions of a "
                               "prompt, so a group needs at least 2 (typical: 4 to 16)")

@@ -267,7 +267,8 @@ def run_preference_demo(log=print, progress: bool = True, n_heldout: int = 60, o
 # compare (measured: 0 of 48 samples); with it a few do, and the rollouts teach the rest.
 EXAMPLE = 'Example: "Lena, 33, works as a nurse in Riga." -> Lena|33|nurse|Riga'
 GRPO_SETTINGS = dict(max_steps=30, batch_size=4, group_size=8, max_new_tokens=24, lr=1e-4, schedule="constant",
-                     warmup_steps=0, max_length=256, reward=["qlorakit.demo:record_reward"], output="qlorakit-grpo-demo")
+                     warmup_steps=0, max_length=256, reward=["qlorakit.demo:record_reward"],
+                     output="qlorakit-grpo-demo")
 RECORD_FIELDS = ("name", "age", "job", "city")
 
 

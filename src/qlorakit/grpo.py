@@ -1,6 +1,6 @@
 """GRPO: reinforcement learning with verifiable rewards on prompts.
 
-    run = qlorakit.train_grpo(data="prompts.jsonl", reward=["numeric:answer"], group_size=8, output="grpo")  # qlorakit grpo
+    run = qlorakit.train_grpo(data="prompts.jsonl", reward=["numeric:answer"], output="grpo")   # qlorakit grpo
 
 The run is train.py's, top to bottom — load, data, adapters, optimizer, resume, loop, outputs, on one process or
 several — with this module's objective in place of the language-modelling loss. A step:
@@ -8,17 +8,17 @@ several — with this module's objective in place of the language-modelling loss
 1. **Rollouts.** The step's prompts (grad_accum micro-batches of batch_size prompts) are answered together,
    group_size sampled completions each, by qlorakit.Generator on the same quantized model with its adapters active
    (the decoder of the inference path: dense weights, a KV cache, the group batched; an adapter the last step
-   updated is picked up). Each completion draws from its own seed, a function of (seed, step, its prompt's row, its place
-   in the group): a --resume samples what the uninterrupted run sampled, and N processes what one does.
+   updated is picked up). Each completion draws from its own seed, a function of (seed, step, its prompt's row,
+   its place in the group): a --resume samples what the uninterrupted run sampled, and N processes what one does.
 2. **Rewards and advantages.** The rewards (rewards.py) score each completion; their weighted sum, normalised within
    its prompt's group, is the completion's advantage: (r - mean) / (std + 1e-4) (grpo, dapo), r - mean (dr_grpo).
    A group whose completions all scored the same has advantage 0: it teaches nothing (counted in the metrics), and
    with beta = 0 its completions skip the forward altogether — they are still counted in the loss's normalisers,
    so the loss and its gradient are those of the whole batch.
 3. **The policy's log-probabilities** of the completions come from one packed forward over prompt + completion
-   sequences (right-padded rows with --no-packing) on the fast path (loss.token_logps from the hidden states, logits / temperature as sampled). Per
-   completion token t, with ratio = exp(logp - logp_old) (logp_old the same values, detached: one update per
-   rollout) and A the completion's advantage:
+   sequences (right-padded rows with --no-packing) on the fast path (loss.token_logps from the hidden states,
+   logits / temperature as sampled). Per completion token t, with ratio = exp(logp - logp_old) (logp_old the same
+   values, detached: one update per rollout) and A the completion's advantage:
        loss_t = -min(ratio·A, clip(ratio, 1 - epsilon, 1 + epsilon_high)·A) + beta·KL_t,
        KL_t = exp(ref - logp) - (ref - logp) - 1      (the k3 estimator; ref: the model as the run starts)
    averaged as --loss says: grpo, each completion's token mean, then the mean over completions; dapo, the mean over
@@ -68,7 +68,8 @@ class RolloutBatch(Batch):
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, whether each group's rewards are all equal) of `rewards` [groups x group_size], in fp32 (computed
-    in the reduction dtype): r - the group's mean, divided by (the group's std + STD_EPSILON) when `scale` (std unbiased, as torch.std).
+    in the reduction dtype): r - the group's mean, divided by (the group's std + STD_EPSILON) when `scale` (std
+    unbiased, as torch.std).
     A group of equal rewards has advantages exactly 0 (its mean, rounded, could differ from them by an ulp)."""
     r = rewards.to(REDUCE_DTYPE).view(-1, group_size)  # (a group's sums of rewards near fp32's range stay finite)
     advantages = r - r.mean(dim=1, keepdim=True)
@@ -251,7 +252,8 @@ class GRPOObjective:
         items = []
         for i in keep:
             prompt, completion = prompts[i // g].input_ids, answers[i].tokens
-            items.append(Tokenized(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, prompts[i // g].where))
+            items.append(Tokenized(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion,
+                                   prompts[i // g].where))
         batch = collate_sequences(items, self.pad_id, self.packed)
         return RolloutBatch(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask,
                             sequences=batch.sequences, advantages=advantages[keep].clone(), completions=completions,

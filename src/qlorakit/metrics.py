@@ -104,14 +104,8 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
             margin.plot(*zip(*points), ":", color="gray", label="reward margin", linewidth=1.0)
         margin.set_ylabel("reward margin (chosen - rejected)")
         right.grid(alpha=0.3)
-        handles = right.get_legend_handles_labels()
-        extra = margin.get_legend_handles_labels()
-        right.legend(handles[0] + extra[0], handles[1] + extra[1], loc="lower right")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+        _legend(right, margin, "lower right")
+    return _save(fig, path)
 
 
 def _plot_rewards(records: list[dict], path: Path, title: str) -> Path:
@@ -146,8 +140,20 @@ def _plot_rewards(records: list[dict], path: Path, title: str) -> Path:
         length.plot(*zip(*points), ":", color="gray", label="completion length", linewidth=1.0)
     length.set_ylabel("mean completion length (tokens)")
     right.grid(alpha=0.3)
-    handles, extra = right.get_legend_handles_labels(), length.get_legend_handles_labels()
-    right.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right")
+    _legend(right, length, "upper right")
+    return _save(fig, path)
+
+
+def _legend(ax, twin, loc: str) -> None:
+    """One legend for a panel and its twin axis (a second scale on the right)."""
+    handles, extra = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc=loc)
+
+
+def _save(fig, path: Path) -> Path:
+    """The figure written to `path` as a PNG, atomically, and closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -321,8 +321,8 @@ def train(config: TrainConfig | str | Path | None = None, *, loaded: tuple | Non
 def run(config, objective_type, *, loaded: tuple | None = None, overwrite: bool = False, log=print,
         progress: bool = True, **overrides) -> RunResult:
     """A training run of `objective_type` (LanguageModeling: `train`; preference.PreferenceObjective:
-    `train_preference`; grpo.GRPOObjective: `train_grpo`), whose config class (`objective_type.config_class`) `config` is, or is built as (a YAML
-    path, None), with `overrides`."""
+    `train_preference`; grpo.GRPOObjective: `train_grpo`), whose config class (`objective_type.config_class`)
+    `config` is, or is built as (a YAML path, None), with `overrides`."""
     claims = []  # the output's claim, taken by _train once the config is known; released however the run ends
     trackers = []  # the run's Trackers, opened by _train; closed before the claim is released (which may remove
     # the run's files), a run that raised marked failed

@@ -57,8 +57,8 @@ def encode_prompt(tokenizer, prompt: str | list[dict], parse_special_tokens: boo
     return encode_chat(tokenizer, prompt, True, parse_special_tokens, where, specials)[1]
 
 
-def check_lengths(max_length: int, max_new_tokens: int, on_long: str) -> int:
-    """The settings, checked before any prompt; the longest prompt they leave room for."""
+def check_lengths(max_length: int, max_new_tokens: int, on_long: str) -> None:
+    """The settings, checked before any prompt (limit_words gives the longest prompt they leave room for)."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r}: prompt data (rows with a 'prompt' alone, for GRPO) "
                           "needs the length of the answers generated from it, which must fit max_length with the "
@@ -71,12 +71,10 @@ def check_lengths(max_length: int, max_new_tokens: int, on_long: str) -> int:
         raise ConfigError(f"on_long={on_long!r}: for prompts use drop or error")
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
         raise ConfigError(f"max_length={max_length!r} must be an integer of at least 2 tokens")
-    limit = max_length - max_new_tokens
-    if limit < 1:
+    if max_length - max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_length={max_length} "
                           "(a prompt and its answer must fit together); raise --max-length or lower "
                           "--max-new-tokens")
-    return limit
 
 
 def limit_words(max_length: int, max_new_tokens: int, context: int | None) -> tuple[int, str, str]:
