@@ -185,22 +185,20 @@ class GRPOObjective:
 
         groups = [list(getattr(batch, "items", ())) for batch in batches]  # a rank's empty share: no prompts
         prompts = [item for group in groups for item in group]
+        g = self.group_size
+        each = [item for item in prompts for _ in range(g)]  # each completion's prompt
+        wheres = [item.where for item in each]
         started = time.perf_counter()
         answers = []
         if prompts:
             sampling = Sampling(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
                                 top_k=self.top_k, top_p=self.top_p)
-            answers = self.generator.run([item.input_ids for item in prompts for _ in range(self.group_size)],
-                                         sampling, names=[item.where for item in prompts for _ in
-                                                          range(self.group_size)],
+            answers = self.generator.run([item.input_ids for item in each], sampling, names=wheres,
                                          seeds=self.rollout_seeds(step, prompts))
         generation_s = time.perf_counter() - started
-        g = self.group_size
-        rows = [item.row for item in prompts for _ in range(g)]
-        values, total = score(self.rewards, [item.prompt for item in prompts for _ in range(g)],
-                              [a.text for a in answers], rows, [item.where for item in prompts for _ in range(g)],
-                              [len(a.tokens) for a in answers], [a.finish != "length" for a in answers],
-                              self.max_new_tokens)
+        values, total = score(self.rewards, [item.prompt for item in each], [a.text for a in answers],
+                              [item.row for item in each], wheres, [len(a.tokens) for a in answers],
+                              [a.finish != "length" for a in answers], self.max_new_tokens)
         rewards = torch.tensor(total, dtype=LOSS_DTYPE)
         advantages, flat = group_advantages(rewards, g, scale=self.kind != "dr_grpo") if prompts else (
             rewards, torch.zeros(0, dtype=torch.bool))
