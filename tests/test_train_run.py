@@ -240,6 +240,34 @@ def test_non_finite_loss_under_fp16_is_a_skipped_step(tiny_model_dir, data_file,
     assert all(torch.isfinite(v).all() for v in _adapter(tmp_path / "out").values())
 
 
+def test_running_out_of_memory_in_a_step_is_said_with_what_to_lower(tiny_model_dir, data_file, tmp_path,
+                                                                     monkeypatch):
+    """torch's CPU allocator failing (a RuntimeError) in step 2's passes: a TrainingError naming the step, the
+    micro-batch, what to lower and the last checkpoint — not a traceback. Any other RuntimeError stays itself."""
+    from qlorakit.train import TrainStep
+
+    real = TrainStep.run
+    calls = []
+
+    def failing(self, batches):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 359106555025 bytes.")
+        return real(self, batches)
+
+    monkeypatch.setattr(TrainStep, "run", failing)
+    with pytest.raises(qlorakit.TrainingError, match=r"^step 2: out of memory \(.*can't allocate memory.*\); a "
+                       r"micro-batch of 4 examples does not fit here: lower --batch-size \(raise --grad-accum to "
+                       r"keep the step's size\), shorten --max-length or turn on --gradient-checkpointing; the last "
+                       r"good checkpoint is .*step-000001$"):
+        _train(tiny_model_dir, data_file, tmp_path / "oom", max_steps=3, save_every=1, batch_size=4)
+    calls.clear()
+    monkeypatch.setattr(TrainStep, "run", lambda self, batches: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="^other$"):
+        _train(tiny_model_dir, data_file, tmp_path / "other", max_steps=1)
+
+
 def test_bitsandbytes_optimizers_need_cuda(tiny_model_dir, data_file, tmp_path):
     with pytest.raises(ConfigError, match="optimizer='adamw8bit' is bitsandbytes' 8-bit AdamW, which runs on CUDA"):
         _train(tiny_model_dir, data_file, tmp_path / "out", optimizer="adamw8bit")

@@ -103,6 +103,7 @@ class GRPOObjective:
     share of the step's loss; evaluation is the held-out prompts' mean reward."""
 
     config_class = GRPOConfig
+    memory_hint = ", lower --group-size or --max-new-tokens,"  # (train.py's out-of-memory advice)
 
     def __init__(self, rewards: list, group_size: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, loss: str = "dapo", beta: float = 0.0, epsilon: float = 0.2,

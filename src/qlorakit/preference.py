@@ -82,6 +82,7 @@ class PreferenceObjective:
     forward (inside DDP/FSDP's wrapper), the loss and metrics of a micro-batch, and evaluation."""
 
     config_class = PreferenceConfig
+    memory_hint = ""  # what else train.py's out-of-memory advice names
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, simpo_gamma: float = 0.5):
         self.kind, self.beta, self.gamma = loss, beta, simpo_gamma

@@ -45,7 +45,7 @@ from .fast_path import fast_path_report
 from .precision import Precision, dtype_name, precision_of, resolve_device
 from .preference import write_reference
 from .trackers import Trackers, check_trackers
-from .upstream.torch_private import is_compiled
+from .upstream.torch_private import is_compiled, is_out_of_memory
 from .upstream.transformers import enable_checkpointing
 
 __all__ = ["LanguageModeling", "RunResult", "StepResult", "TrainStep", "causal_lm_loss", "run", "train"]
@@ -87,6 +87,8 @@ class LanguageModeling:
 
     def summary(self, stats: dict, counts: list[float]) -> dict:
         return {}
+
+    memory_hint = ""  # what else the out-of-memory advice names (GRPO: its group size)
 
     def check_examples(self, examples) -> None:
         pass  # the format check (check_format) is all
@@ -573,12 +575,21 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
         for step in range(start_step + 1, total_steps + 1):
             batches = stream.take(cfg.grad_accum)
             tick = time.perf_counter()
-            # (GRPO: the step's prompts -> rollouts, generated and scored; the others train on the data's batches)
-            batches, collected = objective.collect(model, batches, step)
             try:
+                # (GRPO: the step's prompts -> rollouts, generated and scored; the others train on the data's
+                # batches)
+                batches, collected = objective.collect(model, batches, step)
                 result = step_fn.run(batches)
             except TrainingError as e:
                 raise TrainingError(f"step {step}: {e}; {last_good()}") from None
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise TrainingError(
+                    f"step {step}: out of memory ({e}); a micro-batch of {cfg.batch_size} {data.report.unit} "
+                    f"does not fit here: lower --batch-size (raise --grad-accum to keep the step's size), shorten "
+                    f"--max-length{objective.memory_hint} or turn on --gradient-checkpointing; {last_good()}"
+                ) from None
             scheduler.step()
             seconds = time.perf_counter() - tick
             if collected:  # (GRPO: the step's time less generating, i.e. rewards, reference, policy, optimizer)

@@ -1,7 +1,8 @@
 """Private torch internals: the CPU flash-attention ops the packed attention calls directly (their public wrapper,
 scaled_dot_product_attention, does not return the log-sum-exp the backward needs), the global module-hook
 registries a fused block consults before computing several modules' outputs without calling them, and a tensor's
-version counter (the packed attention's mask cache), and oneDNN's prepacked linear (generation's CPU matmuls)."""
+version counter (the packed attention's mask cache), and oneDNN's prepacked linear (generation's CPU matmuls); and
+how an allocation that failed reads (is_out_of_memory)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,15 @@ def _packed_linear_ops(dtype: torch.dtype):
     if not same:
         raise changed(PACKAGE, "torch.ops.mkldnn._linear_pointwise", "it no longer computes x @ weight.t()")
     return reorder, linear
+
+
+# What torch's CPU allocator says when an allocation fails (a RuntimeError; CUDA raises torch.OutOfMemoryError).
+_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch failing to allocate memory, on a GPU or a CPU."""
+    out_of_memory = getattr(torch, "OutOfMemoryError", None)
+    if out_of_memory is not None and isinstance(error, out_of_memory):
+        return True
+    return isinstance(error, RuntimeError) and _CPU_OUT_OF_MEMORY in str(error)
