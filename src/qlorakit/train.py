@@ -577,11 +577,12 @@ def _train(config, objective_type, *, loaded, overwrite, log, progress, claims: 
             tick = time.perf_counter()
             try:
                 # (GRPO: the step's prompts -> rollouts, generated and scored; the others train on the data's
-                # batches)
+                # batches. A reward's error names its row itself.)
                 batches, collected = objective.collect(model, batches, step)
-                result = step_fn.run(batches)
-            except TrainingError as e:
-                raise TrainingError(f"step {step}: {e}; {last_good()}") from None
+                try:
+                    result = step_fn.run(batches)
+                except TrainingError as e:
+                    raise TrainingError(f"step {step}: {e}; {last_good()}") from None
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
